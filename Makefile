@@ -1,0 +1,44 @@
+# Two commands a fresh clone needs: `make run` and `make test`.
+# Both create .venv/ on first use and reuse it afterwards.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= config/tfmerge.toml
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint typecheck check bench demo clean-venv
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+## run: start the daemon in the foreground on config/tfmerge.toml (Ctrl-C stops it)
+run: $(STAMP)
+	$(BIN)/tfmerge run -c $(CONFIG)
+
+## test: lint, type-check and run the test suite
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+## demo: regenerate frozen/demo.pb
+demo: $(STAMP)
+	$(BIN)/python scripts/make_demo_model.py frozen/demo.pb
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+clean-venv:
+	rm -rf $(VENV)

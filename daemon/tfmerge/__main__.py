@@ -1,0 +1,3 @@
+from tfmerge.cli import main
+
+raise SystemExit(main())

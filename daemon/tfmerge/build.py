@@ -1,0 +1,330 @@
+"""One build: read and check every model, merge, verify, write the manifest. Worker side.
+
+Runs inside the worker process of the daemon, or in-process for ``tfmerge build``. It never
+touches an integer-named folder: its output is a staging folder that the caller publishes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tfmerge import __version__, graphs, merge, verify
+from tfmerge.config import Config
+from tfmerge.graphs import ModelRejected, TensorSig
+from tfmerge.logs import get_logger
+from tfmerge.publish import MANIFEST
+from tfmerge.specs import ModelSpec, Rejection, Resolution, fingerprint, spec_key
+from tfmerge.store import AcceptedModel, Store
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What a build did, in plain data: it crosses the worker's process boundary."""
+
+    build_id: str
+    #: "built": staging holds a verified version; "unchanged": equal to the newest version;
+    #: "empty": no model was accepted; "failed": verification failed.
+    outcome: str
+    staging: str | None
+    fingerprint: str | None
+    models: tuple[AcceptedModel, ...] = ()
+    rejections: tuple[Rejection, ...] = ()
+    mismatches: tuple[tuple[str, str], ...] = ()
+    timings: Mapping[str, float] = field(default_factory=dict)
+    stats: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Checked:
+    model: AcceptedModel
+    graph_def: Any
+    init_nodes: list[str]
+    inputs: dict[str, TensorSig]
+    outputs: dict[str, TensorSig]
+    feeds: dict[str, np.ndarray]
+    expected: dict[str, np.ndarray]
+
+
+def _check_model(
+    spec: ModelSpec,
+    path: Path,
+    config: Config,
+    *,
+    kept: bool,
+    log: Any,
+    store: Store | None = None,
+) -> _Checked:
+    """Everything a model must pass before it may be merged; raises ModelRejected.
+
+    With a store, an accepted input is copied into it from the very bytes that were checked.
+    """
+    sha256, data, graph_def = graphs.read_graph_def(path, spec.relpath, config.max_model_bytes)
+    size = len(data)
+    graphs.check_ops(graph_def, config.allow_ops)
+    graph = graphs.import_graph(graph_def)
+    inputs, outputs = spec.inputs, spec.outputs
+    if inputs is None or outputs is None:
+        inputs, outputs = graphs.infer_signature(graph)
+        log.info(
+            "model_inferred",
+            signature=spec.signature,
+            file=spec.relpath,
+            inputs=inputs,
+            outputs=outputs,
+        )
+    input_sigs = {key: graphs.tensor_sig(graph, name) for key, name in inputs.items()}
+    output_sigs = {key: graphs.tensor_sig(graph, name) for key, name in outputs.items()}
+    for key, sig in input_sigs.items():
+        if graph.get_tensor_by_name(sig.name).op.type not in (
+            "Placeholder",
+            "PlaceholderWithDefault",
+        ):
+            log.debug("input_not_placeholder", signature=spec.signature, input=key, tensor=sig.name)
+    feeds = graphs.probe_inputs(spec.signature, input_sigs, spec.sample)
+    init_nodes = graphs.initializer_nodes(graph_def)
+    try:
+        expected = graphs.run_graph(
+            graph,
+            init_nodes,
+            {input_sigs[k].name: v for k, v in feeds.items()},
+            {k: s.name for k, s in output_sigs.items()},
+        )
+    except Exception as exc:  # any kernel error on the probe input, whatever its type
+        raise ModelRejected(
+            "source_failed",
+            f"the source graph fails on the probe input ({type(exc).__name__}: "
+            f"{getattr(exc, 'message', exc)}); add a `sample` to its declaration",
+        ) from exc
+    model = AcceptedModel(
+        signature=spec.signature,
+        relpath=spec.relpath,
+        sha256=sha256,
+        size=size,
+        inputs=dict(inputs),
+        outputs=dict(outputs),
+        sample=spec.sample,
+        origin=spec.origin,
+        kept=kept,
+        tensors={
+            "inputs": {k: s.as_dict() for k, s in input_sigs.items()},
+            "outputs": {k: s.as_dict() for k, s in output_sigs.items()},
+        },
+    )
+    if store is not None and not kept:
+        store.write_blob(sha256, model.suffix, data)
+    return _Checked(model, graph_def, init_nodes, input_sigs, output_sigs, feeds, expected)
+
+
+def _fallback(signature: str, store: Store, config: Config, log: Any) -> _Checked | None:
+    """The last accepted input of a signature whose current input was refused."""
+    previous = store.accepted().get(signature)
+    if previous is None:
+        return None
+    blob = store.blob_path(previous.sha256, previous.suffix)
+    spec = ModelSpec(
+        signature=previous.signature,
+        relpath=previous.relpath,
+        inputs=previous.inputs,
+        outputs=previous.outputs,
+        sample=previous.sample,
+        origin=previous.origin,
+    )
+    try:
+        checked = _check_model(spec, blob, config, kept=True, log=log)
+    except ModelRejected as exc:
+        log.error("model_dropped", signature=signature, file=previous.relpath, reason=exc.reason)
+        return None
+    log.warning("model_kept", signature=signature, file=previous.relpath, sha256=previous.sha256)
+    return checked
+
+
+def run_build(
+    config: Config,
+    resolution: Resolution,
+    staging: Path,
+    build_id: str,
+    *,
+    newest_fingerprint: str | None = None,
+    raw_fingerprint: str | None = None,
+) -> BuildResult:
+    log = get_logger(build_id=build_id)
+    store = Store(config.state_dir)
+    started = time.monotonic()
+    rejections = list(resolution.rejections)
+    for rejection in resolution.rejections:
+        log.error("model_rejected", **rejection.as_dict())
+    checked: list[_Checked] = []
+    fallbacks = set(resolution.refused_signatures)
+    for spec in resolution.specs:
+        try:
+            checked.append(
+                _check_model(
+                    spec, config.frozen_dir / spec.relpath, config, kept=False, log=log, store=store
+                )
+            )
+        except ModelRejected as exc:
+            rejection = Rejection(exc.code, exc.reason, spec.relpath, spec.signature)
+            rejections.append(rejection)
+            log.error("model_rejected", **rejection.as_dict())
+            fallbacks.add(spec.signature)
+    for signature in sorted(fallbacks):
+        kept = _fallback(signature, store, config, log)
+        if kept is not None:
+            checked.append(kept)
+    checked.sort(key=lambda c: c.model.signature)
+    check_seconds = time.monotonic() - started
+    timings: dict[str, float] = {"check": round(check_seconds, 4)}
+    models = tuple(c.model for c in checked)
+    if not checked:
+        return BuildResult(
+            build_id, "empty", None, None, models, tuple(rejections), timings=timings
+        )
+    digest = fingerprint(
+        ({**spec_key_of(c.model), "sha256": c.model.sha256} for c in checked), config
+    )
+    if digest == newest_fingerprint:
+        return BuildResult(
+            build_id, "unchanged", None, digest, models, tuple(rejections), timings=timings
+        )
+
+    merge_started = time.monotonic()
+    units = _units(checked)
+    feeds = {c.model.signature: c.feeds for c in checked}
+    expected = {c.model.signature: c.expected for c in checked}
+    stats = merge.merge(units, staging)
+    del units
+    for item in checked:
+        item.graph_def = None
+    timings["merge"] = round(time.monotonic() - merge_started, 4)
+
+    verify_started = time.monotonic()
+    mismatches = verify.verify(staging, feeds, expected)
+    timings["verify"] = round(time.monotonic() - verify_started, 4)
+    if mismatches:
+        for mismatch in mismatches:
+            log.error("verify_failed", signature=mismatch.signature, reason=mismatch.reason)
+        return BuildResult(
+            build_id,
+            "failed",
+            str(staging),
+            digest,
+            models,
+            tuple(rejections),
+            tuple((m.signature, m.reason) for m in mismatches),
+            timings,
+        )
+    _write_manifest(staging, build_id, digest, raw_fingerprint, models, timings, asdict(stats))
+    return BuildResult(
+        build_id,
+        "built",
+        str(staging),
+        digest,
+        models,
+        tuple(rejections),
+        (),
+        timings,
+        asdict(stats),
+    )
+
+
+def spec_key_of(model: AcceptedModel) -> dict[str, Any]:
+    return spec_key(
+        ModelSpec(model.signature, model.relpath, model.inputs, model.outputs, model.sample)
+    )
+
+
+def _units(checked: Sequence[_Checked]) -> list[merge.GraphUnit]:
+    """One unit per distinct graph content: a graph several signatures use is stored once."""
+    units: dict[str, merge.GraphUnit] = {}
+    for item in checked:
+        spec = merge.SignatureSpec(item.model.signature, item.inputs, item.outputs)
+        unit = units.get(item.model.sha256)
+        if unit is None:
+            units[item.model.sha256] = merge.GraphUnit(
+                sha256=item.model.sha256,
+                graph_def=item.graph_def,
+                scope=merge.scope_for(item.model.signature),
+                init_nodes=item.init_nodes,
+                signatures=[spec],
+            )
+        else:
+            list.append(unit.signatures, spec)  # type: ignore[arg-type]
+    return list(units.values())
+
+
+def _write_manifest(
+    staging: Path,
+    build_id: str,
+    digest: str,
+    raw_fingerprint: str | None,
+    models: Sequence[AcceptedModel],
+    timings: Mapping[str, float],
+    stats: Mapping[str, Any],
+) -> None:
+    import tensorflow as tf
+
+    manifest = {
+        "tool": "tfmerge",
+        "tool_version": __version__,
+        "tensorflow_version": tf.version.VERSION,
+        "build_id": build_id,
+        "fingerprint": digest,
+        "raw_fingerprint": raw_fingerprint,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "signatures": {m.signature: m.as_dict() for m in models},
+        "sources": _sources(models),
+        "timings": dict(timings),
+        "stats": dict(stats),
+    }
+    path = staging / MANIFEST
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def _sources(models: Sequence[AcceptedModel]) -> list[dict[str, Any]]:
+    by_sha: dict[str, dict[str, Any]] = {}
+    for model in models:
+        entry = by_sha.setdefault(
+            model.sha256,
+            {"file": model.relpath, "sha256": model.sha256, "size": model.size, "signatures": []},
+        )
+        entry["signatures"].append(model.signature)
+    return sorted(by_sha.values(), key=lambda e: (e["file"], e["sha256"]))
+
+
+def check_all(config: Config) -> list[Rejection]:
+    """``tfmerge check``: every check a build makes, without merging or publishing anything."""
+    from tfmerge.specs import resolve
+
+    log = get_logger(command="check")
+    resolution = resolve(config)
+    rejections = list(resolution.rejections)
+    for rejection in resolution.rejections:
+        log.error("model_rejected", **rejection.as_dict())
+    accepted = []
+    for spec in resolution.specs:
+        try:
+            checked = _check_model(
+                spec, config.frozen_dir / spec.relpath, config, kept=False, log=log
+            )
+        except ModelRejected as exc:
+            rejection = Rejection(exc.code, exc.reason, spec.relpath, spec.signature)
+            rejections.append(rejection)
+            log.error("model_rejected", **rejection.as_dict())
+            continue
+        accepted.append(checked.model.signature)
+        log.info(
+            "model_accepted",
+            signature=spec.signature,
+            file=spec.relpath,
+            sha256=checked.model.sha256,
+        )
+    log.info("check_finished", accepted=accepted, rejected=[r.as_dict() for r in rejections])
+    return rejections

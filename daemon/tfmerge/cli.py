@@ -1,0 +1,238 @@
+"""The ``tfmerge`` command. TensorFlow is imported only by the subcommands that need it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tfmerge import __version__, exitcodes, logs, pipeline, publish
+from tfmerge.config import Config, ConfigError
+from tfmerge.config import load as load_config
+from tfmerge.logs import get_logger
+from tfmerge.store import Store
+
+DEFAULT_CONFIG = Path("/etc/tfmerge/tfmerge.toml")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tfmerge",
+        description="Merge frozen TensorFlow graphs into one verified SavedModel and publish it.",
+    )
+    parser.add_argument("--version", action="version", version=f"tfmerge {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument(
+            "-c",
+            "--config",
+            type=Path,
+            default=DEFAULT_CONFIG,
+            help=f"config file (default {DEFAULT_CONFIG})",
+        )
+        return sub
+
+    with_config(
+        "run", "Run the daemon: watch frozen_dir and publish a new version on every change."
+    )
+    with_config("build", "Merge every model once and publish the result if it is new and verified.")
+    with_config("check", "Validate the config and every input; publish nothing.")
+    status = with_config(
+        "status", "Show the published versions, their signatures and sources, and rejected inputs."
+    )
+    status.add_argument("--json", action="store_true", help="print JSON")
+    rollback = with_config("rollback", "Republish an older version as a new highest version.")
+    rollback.add_argument(
+        "--to",
+        type=int,
+        metavar="N",
+        help="version to restore (default: the one before the newest)",
+    )
+    inspect = commands.add_parser(
+        "inspect", help="Describe a frozen graph and print a ready-to-paste [[models]] entry."
+    )
+    inspect.add_argument("file", type=Path)
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "inspect":
+        logs.configure(fmt="auto", stream=sys.stderr)
+        return _inspect(args.file, as_json=args.json)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        logs.configure(fmt="auto")
+        get_logger().error(
+            "config_invalid", path=str(exc.path), problems=[str(p) for p in exc.problems]
+        )
+        return exitcodes.CONFIG
+    logs.configure(fmt=config.log.format, level=config.log.level)
+    commands: dict[str, Callable[[], int]] = {
+        "run": lambda: _run(config),
+        "build": lambda: _build(config),
+        "check": lambda: _check(config),
+        "status": lambda: _status(config, as_json=args.json),
+        "rollback": lambda: _rollback(config, args.to),
+    }
+    return commands[args.command]()
+
+
+def _run(config: Config) -> int:
+    from tfmerge.service import run_daemon
+
+    return run_daemon(config)
+
+
+def _build(config: Config) -> int:
+    from tfmerge.build import run_build
+
+    outcome = pipeline.run_once(config, run_build, trigger="command")
+    return exitcodes.OK if outcome.ok else exitcodes.FAILED
+
+
+def _check(config: Config) -> int:
+    from tfmerge.build import check_all
+
+    rejections = check_all(config)
+    return exitcodes.OK if not rejections else exitcodes.FAILED
+
+
+def _inspect(path: Path, *, as_json: bool) -> int:
+    from tfmerge import graphs
+
+    log = get_logger(file=str(path))
+    try:
+        sha256, data, graph_def = graphs.read_graph_def(path, path.name, 1 << 62)
+        graph = graphs.import_graph(graph_def)
+        inputs, outputs = graphs.infer_signature(graph)
+    except graphs.ModelRejected as exc:
+        log.error("inspect_failed", code=exc.code, reason=exc.reason)
+        return exitcodes.FAILED
+    placeholders = {k: graphs.tensor_sig(graph, n).as_dict() for k, n in inputs.items()}
+    candidates = {k: graphs.tensor_sig(graph, n).as_dict() for k, n in outputs.items()}
+    ops = Counter(node.op for node in graph_def.node)
+    report: dict[str, Any] = {
+        "file": str(path),
+        "size": len(data),
+        "sha256": sha256,
+        "nodes": len(graph_def.node),
+        "functions": len(graph_def.library.function),
+        "ops": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "placeholders": placeholders,
+        "candidate_outputs": candidates,
+        "initializers": graphs.initializer_nodes(graph_def),
+        "entry": _entry_toml(path, inputs, outputs),
+    }
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return exitcodes.OK
+    print(f"{path}  {len(data):,} bytes  sha256 {sha256[:16]}…")
+    print(f"{report['nodes']} nodes, {report['functions']} functions")
+    print("ops: " + ", ".join(f"{op} {n}" for op, n in report["ops"].items()))
+    print("placeholders:")
+    for key, info in placeholders.items():
+        print(f"  {info['name']:<40} {info['dtype']:<10} {_shape(info['shape'])}   (key {key})")
+    print("candidate outputs (ops nothing consumes):")
+    for key, info in candidates.items():
+        print(f"  {info['name']:<40} {info['dtype']:<10} {_shape(info['shape'])}   (key {key})")
+    if report["initializers"]:
+        print(
+            "table initializers (run when the merged model loads): "
+            + ", ".join(report["initializers"])
+        )
+    print("\n# ready to paste into the config (or into a sidecar " + f"{path.stem}.toml):")
+    print(report["entry"], end="")
+    return exitcodes.OK
+
+
+def _shape(shape: Any) -> str:
+    if shape is None:
+        return "<unknown rank>"
+    return "[" + ", ".join("?" if d < 0 else str(d) for d in shape) + "]"
+
+
+def _entry_toml(path: Path, inputs: dict[str, str], outputs: dict[str, str]) -> str:
+    def table(mapping: dict[str, str]) -> str:
+        return (
+            "{ " + ", ".join(f"{_toml_key(k)} = {json.dumps(v)}" for k, v in mapping.items()) + " }"
+        )
+
+    return (
+        "[[models]]\n"
+        f"signature = {json.dumps(path.stem)}\n"
+        f"frozen = {json.dumps(path.name)}\n"
+        f"inputs = {table(inputs)}\n"
+        f"outputs = {table(outputs)}\n"
+    )
+
+
+def _toml_key(key: str) -> str:
+    bare = key.replace("_", "").replace("-", "").isalnum() and key.isascii()
+    return key if bare else json.dumps(key)
+
+
+def status_report(config: Config) -> dict[str, Any]:
+    store = Store(config.state_dir)
+    versions = []
+    for number, path in publish.versions(config.serving_dir).items():
+        manifest = publish.read_manifest(path)
+        versions.append(
+            {
+                "version": number,
+                "created": manifest.get("created"),
+                "signatures": sorted(manifest.get("signatures", {})),
+                "sources": manifest.get("sources", []),
+                "rolled_back_from": manifest.get("rolled_back_from"),
+            }
+        )
+    return {
+        "serving_dir": str(config.serving_dir),
+        "frozen_dir": str(config.frozen_dir),
+        "versions": versions,
+        "serving": versions[-1]["version"] if versions else None,
+        "rejected": store.rejections(),
+        "last_build": store.last_build(),
+        "hold": store.hold(),
+    }
+
+
+def _status(config: Config, *, as_json: bool) -> int:
+    report = status_report(config)
+    if as_json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return exitcodes.OK
+    print(f"serving folder: {report['serving_dir']}")
+    if not report["versions"]:
+        print("no version published yet")
+    for entry in reversed(report["versions"]):
+        marker = "*" if entry["version"] == report["serving"] else " "
+        note = f" (rollback of {entry['rolled_back_from']})" if entry["rolled_back_from"] else ""
+        print(f"{marker} version {entry['version']}  {entry['created'] or ''}{note}")
+        for source in entry["sources"]:
+            served = ", ".join(source["signatures"])
+            print(f"    {source['file']}  sha256 {source['sha256'][:12]}  -> {served}")
+    if report["rejected"]:
+        print("rejected inputs (last build):")
+        for item in report["rejected"]:
+            who = item.get("file") or item.get("signature")
+            print(f"  {who}: {item['code']}: {item['reason']}")
+    return exitcodes.OK
+
+
+def _rollback(config: Config, target: int | None) -> int:
+    from tfmerge import rollback
+
+    return rollback.rollback(config, target)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

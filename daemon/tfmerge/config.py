@@ -1,0 +1,318 @@
+"""The configuration file: TOML in, frozen dataclasses out, every error reported at once.
+
+Relative paths resolve against the folder of the file that holds them. No TensorFlow here:
+the supervisor loads and reloads the configuration.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+GiB = 1024**3
+_TENSOR_NAME = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\-/>]*(:\d+)?$")
+_OP_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_LOG_FORMATS = ("auto", "json", "console")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a configuration file: where, and what was expected."""
+
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}" if self.key else self.message
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used. Lists every problem found, not just the first."""
+
+    def __init__(self, path: Path, problems: Sequence[Problem]) -> None:
+        self.path = path
+        self.problems = tuple(problems)
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(f"{path}: {len(self.problems)} problem(s)\n{lines}")
+
+
+@dataclass(frozen=True)
+class ModelDecl:
+    """One declared model: a signature served from a tensor map of one frozen graph."""
+
+    signature: str
+    frozen: str
+    inputs: Mapping[str, str]
+    outputs: Mapping[str, str]
+    sample: Mapping[str, Any] | None = None
+    #: Where the declaration came from, for messages: "config models[0]", "sidecar a/b.toml".
+    origin: str = "config"
+
+
+@dataclass(frozen=True)
+class WatchSettings:
+    quiet_seconds: float = 2.0
+    max_wait_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    timeout_seconds: float = 1800.0
+    warm: bool = False
+    retries: int = 3
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    format: Literal["auto", "json", "console"] = "auto"
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    frozen_dir: Path
+    serving_dir: Path
+    state_dir: Path
+    discover: bool = True
+    max_model_bytes: int = 2 * GiB
+    keep_versions: int = 5
+    allow_ops: tuple[str, ...] = ()
+    models: tuple[ModelDecl, ...] = ()
+    watch: WatchSettings = field(default_factory=WatchSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+
+class _Table:
+    """Reads keys out of one TOML table, recording problems instead of raising."""
+
+    def __init__(self, data: Mapping[str, Any], prefix: str, problems: list[Problem]) -> None:
+        self._data = dict(data)
+        self._prefix = prefix
+        self._problems = problems
+
+    def key(self, name: str) -> str:
+        return f"{self._prefix}{name}"
+
+    def problem(self, name: str, message: str) -> None:
+        self._problems.append(Problem(self.key(name), message))
+
+    def take(self, name: str, default: Any = None) -> Any:
+        return self._data.pop(name, default)
+
+    def string(self, name: str, default: str | None = None, *, required: bool = False) -> Any:
+        value = self.take(name)
+        if value is None:
+            if required:
+                self.problem(name, "is required (a string)")
+            return default
+        if not isinstance(value, str) or not value:
+            self.problem(name, f"expected a non-empty string, got {value!r}")
+            return default
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.take(name, default)
+        if not isinstance(value, bool):
+            self.problem(name, f"expected true or false, got {value!r}")
+            return default
+        return value
+
+    def number(self, name: str, default: float, *, minimum: float, integer: bool = False) -> Any:
+        value = self.take(name, default)
+        kind = "an integer" if integer else "a number"
+        ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
+        if isinstance(value, bool) or not ok_type or not math.isfinite(value):
+            self.problem(name, f"expected {kind}, got {value!r}")
+            return default
+        if value < minimum:
+            self.problem(name, f"expected {kind} >= {minimum}, got {value!r}")
+            return default
+        return value
+
+    def choice(self, name: str, default: str, choices: Sequence[str]) -> Any:
+        value = self.take(name, default)
+        if value not in choices:
+            self.problem(name, f"expected one of {', '.join(choices)}, got {value!r}")
+            return default
+        return value
+
+    def table(self, name: str) -> _Table:
+        value = self.take(name, {})
+        if not isinstance(value, dict):
+            self.problem(name, f"expected a table, got {value!r}")
+            value = {}
+        return _Table(value, f"{self.key(name)}.", self._problems)
+
+    def finish(self) -> None:
+        for name in sorted(self._data):
+            self.problem(name, "unknown key")
+
+
+def _string_map(table: _Table, name: str, *, required: bool) -> dict[str, str]:
+    value = table.take(name)
+    if value is None:
+        if required:
+            table.problem(name, 'is required: a table of key = "tensor:0" pairs')
+        return {}
+    if not isinstance(value, dict) or not value:
+        table.problem(name, f'expected a non-empty table of key = "tensor:0" pairs, got {value!r}')
+        return {}
+    result: dict[str, str] = {}
+    for key, tensor in value.items():
+        if not isinstance(tensor, str) or not _TENSOR_NAME.match(tensor):
+            table.problem(
+                f"{name}.{key}", f"expected a tensor name like 'scope/op:0', got {tensor!r}"
+            )
+            continue
+        result[key] = tensor if ":" in tensor else f"{tensor}:0"
+    return result
+
+
+def parse_models(raw: Any, prefix: str, origin: str, problems: list[Problem]) -> list[ModelDecl]:
+    """Parse a ``[[models]]`` array (from the config or from a sidecar file)."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        problems.append(Problem(prefix.rstrip("."), "expected an array of tables ([[models]])"))
+        return []
+    models = []
+    for index, entry in enumerate(raw):
+        where = f"{prefix}[{index}]"
+        if not isinstance(entry, dict):
+            problems.append(Problem(where, "expected a table"))
+            continue
+        before = len(problems)
+        table = _Table(entry, f"{where}.", problems)
+        signature = table.string("signature", required=True)
+        frozen = table.string("frozen", required=origin == "config")
+        inputs = _string_map(table, "inputs", required=True)
+        outputs = _string_map(table, "outputs", required=True)
+        sample = table.take("sample")
+        if sample is not None and not isinstance(sample, dict):
+            table.problem("sample", "expected a table of input key = value (nested arrays)")
+        elif sample is not None:
+            for key in sample:
+                if key not in inputs:
+                    table.problem(f"sample.{key}", f"names no input (inputs are {sorted(inputs)})")
+        table.finish()
+        if len(problems) == before:
+            models.append(
+                ModelDecl(
+                    signature=signature,
+                    frozen=frozen or "",
+                    inputs=inputs,
+                    outputs=outputs,
+                    sample=sample,
+                    origin=f"{origin} {where}",
+                )
+            )
+    return models
+
+
+def _path(table: _Table, name: str, default: str | None, base: Path) -> Path:
+    value = table.string(name, default, required=default is None)
+    return (base / (value or ".")).resolve()
+
+
+def load(path: Path) -> Config:
+    """Load and check a configuration file. Raises ConfigError listing every problem."""
+    path = Path(path).absolute()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(path, [Problem("", f"cannot read: {exc.strerror or exc}")]) from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, [Problem("", f"not valid TOML: {exc}")]) from exc
+    return parse(data, path)
+
+
+def parse(data: Mapping[str, Any], path: Path) -> Config:
+    problems: list[Problem] = []
+    base = path.parent
+    top = _Table(data, "", problems)
+    frozen_dir = _path(top, "frozen_dir", None, base)
+    serving_dir = _path(top, "serving_dir", None, base)
+    state_dir = _path(top, "state_dir", None, base)
+    discover = top.boolean("discover", True)
+    max_model_bytes = top.number("max_model_bytes", 2 * GiB, minimum=1, integer=True)
+    keep_versions = top.number("keep_versions", 5, minimum=2, integer=True)
+    allow_ops = top.take("allow_ops", [])
+    if not isinstance(allow_ops, list) or not all(
+        isinstance(op, str) and _OP_NAME.match(op) for op in allow_ops
+    ):
+        top.problem(
+            "allow_ops", f'expected an array of op names like ["ReadFile"], got {allow_ops!r}'
+        )
+        allow_ops = []
+    models = parse_models(top.take("models"), "models", "config", problems)
+
+    watch_table = top.table("watch")
+    quiet = watch_table.number("quiet_seconds", 2.0, minimum=0.0)
+    max_wait = watch_table.number("max_wait_seconds", 60.0, minimum=0.0)
+    if max_wait < quiet:
+        watch_table.problem("max_wait_seconds", f"must be >= quiet_seconds ({quiet})")
+    watch_table.finish()
+
+    worker_table = top.table("worker")
+    worker = WorkerSettings(
+        timeout_seconds=worker_table.number("timeout_seconds", 1800.0, minimum=1.0),
+        warm=worker_table.boolean("warm", False),
+        retries=worker_table.number("retries", 3, minimum=0, integer=True),
+    )
+    worker_table.finish()
+
+    log_table = top.table("log")
+    log = LogSettings(
+        format=log_table.choice("format", "auto", _LOG_FORMATS),
+        level=log_table.choice("level", "info", _LOG_LEVELS),
+    )
+    log_table.finish()
+    top.finish()
+
+    folders_given = len(problems) == 0 or not any(
+        p.key in ("frozen_dir", "serving_dir", "state_dir") for p in problems
+    )
+    for name, folder in (("frozen_dir", frozen_dir), ("serving_dir", serving_dir)):
+        if not folders_given:
+            break
+        if folder == state_dir:
+            problems.append(Problem("state_dir", f"must differ from {name}"))
+    if folders_given and frozen_dir == serving_dir:
+        problems.append(Problem("serving_dir", "must differ from frozen_dir"))
+    problems.extend(_duplicate_signatures(models))
+    if problems:
+        raise ConfigError(path, problems)
+    return Config(
+        path=path,
+        frozen_dir=frozen_dir,
+        serving_dir=serving_dir,
+        state_dir=state_dir,
+        discover=discover,
+        max_model_bytes=max_model_bytes,
+        keep_versions=keep_versions,
+        allow_ops=tuple(sorted(set(allow_ops))),
+        models=tuple(models),
+        watch=WatchSettings(quiet_seconds=float(quiet), max_wait_seconds=float(max_wait)),
+        worker=worker,
+        log=log,
+    )
+
+
+def _duplicate_signatures(models: Sequence[ModelDecl]) -> Iterator[Problem]:
+    seen: dict[str, str] = {}
+    for model in models:
+        if model.signature in seen:
+            yield Problem(
+                model.origin.removeprefix("config "),
+                f"signature {model.signature!r} is already declared by {seen[model.signature]}",
+            )
+        else:
+            seen[model.signature] = model.origin.removeprefix("config ")

@@ -1,0 +1,272 @@
+"""Read and check one frozen GraphDef. Worker side: imports TensorFlow.
+
+Every refusal is a ModelRejected with a short code (named in docs/events.md) and a reason a
+person can act on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tfmerge import oppolicy
+
+#: Ops that fill a lookup table. A frozen graph keeps them, but nothing runs them unless the
+#: merged SavedModel names them in its init op (the naive merge's "Table not initialized").
+INITIALIZER_OPS = frozenset(
+    {
+        "InitializeTable",
+        "InitializeTableV2",
+        "InitializeTableFromTextFile",
+        "InitializeTableFromTextFileV2",
+        "InitializeTableFromDataset",
+        "LookupTableImport",
+        "LookupTableImportV2",
+    }
+)
+#: Ops never offered as discovered outputs: they produce nothing a client could want.
+_NOT_OUTPUTS = frozenset({"NoOp", "Const", "Placeholder", "Assert", "Print", "PrintV2"})
+
+
+class ModelRejected(Exception):
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class TensorSig:
+    """A tensor as a SignatureDef describes it."""
+
+    name: str
+    dtype: int  # a DataType enum value
+    shape: tuple[int, ...] | None  # None: unknown rank; -1: unknown dimension
+
+    def as_dict(self) -> dict[str, Any]:
+        import tensorflow as tf
+
+        return {
+            "name": self.name,
+            "dtype": tf.dtypes.as_dtype(self.dtype).name,
+            "shape": self.shape,
+        }
+
+
+def parse_graph_def(data: bytes, relpath: str) -> Any:
+    """Parse binary (``.pb``) or text (``.pbtxt``) GraphDef bytes, refusing what is not one."""
+    from google.protobuf import message, text_format, unknown_fields
+    from tensorflow.core.framework import graph_pb2
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    if not data:
+        raise ModelRejected("empty_file", "the file is empty")
+    graph_def = graph_pb2.GraphDef()
+    if relpath.endswith(".pbtxt"):
+        try:
+            text_format.Parse(data.decode("utf-8"), graph_def)
+        except (text_format.ParseError, UnicodeDecodeError) as exc:
+            raise ModelRejected("unparseable", f"not a text GraphDef: {exc}") from exc
+    else:
+        try:
+            graph_def.ParseFromString(data)
+        except message.DecodeError as exc:
+            raise ModelRejected(
+                "unparseable",
+                f"cannot parse as a binary GraphDef ({exc}): a truncated upload, or not a GraphDef",
+            ) from exc
+        if len(unknown_fields.UnknownFieldSet(graph_def)):
+            saved = saved_model_pb2.SavedModel()
+            try:
+                saved.ParseFromString(data)
+                is_saved_model = bool(saved.meta_graphs) and bool(
+                    saved.meta_graphs[0].graph_def.node
+                )
+            except message.DecodeError:
+                is_saved_model = False
+            hint = (
+                "a SavedModel's saved_model.pb, not a frozen graph"
+                if is_saved_model
+                else "not a GraphDef"
+            )
+            raise ModelRejected("not_a_graphdef", f"the file is {hint}")
+    if not graph_def.node:
+        raise ModelRejected("not_a_graphdef", "the GraphDef has no nodes")
+    for node in graph_def.node:
+        if not node.name or not node.op:
+            raise ModelRejected("not_a_graphdef", "a node has no name or no op: not a GraphDef")
+    return graph_def
+
+
+def read_graph_def(path: Path, relpath: str, max_bytes: int) -> tuple[str, bytes, Any]:
+    """Read a graph file once: its sha256, its bytes and the parsed GraphDef."""
+    try:
+        with path.open("rb") as handle:
+            size = handle.seek(0, 2)
+            if size > max_bytes:
+                raise ModelRejected(
+                    "too_large", f"{size} bytes is over max_model_bytes = {max_bytes}"
+                )
+            handle.seek(0)
+            data = handle.read()
+    except OSError as exc:
+        raise ModelRejected("unreadable", f"cannot read: {exc.strerror or exc}") from exc
+    digest = hashlib.sha256(data).hexdigest()
+    return digest, data, parse_graph_def(data, relpath)
+
+
+def op_triples(graph_def: Any) -> Iterator[tuple[str, str, str | None]]:
+    """(node, op, function) for every node of the graph and of every function in its library."""
+    for node in graph_def.node:
+        yield node.name, node.op, None
+    for function in graph_def.library.function:
+        for node in function.node_def:
+            yield node.name, node.op, function.signature.name
+
+
+def check_ops(graph_def: Any, allow: Sequence[str]) -> None:
+    violations = oppolicy.find_violations(op_triples(graph_def), allow)
+    if violations:
+        raise ModelRejected("forbidden_op", oppolicy.describe(violations))
+
+
+def initializer_nodes(graph_def: Any) -> list[str]:
+    return [node.name for node in graph_def.node if node.op in INITIALIZER_OPS]
+
+
+def import_graph(graph_def: Any) -> Any:
+    """Import into a fresh tf.Graph; refuses unknown ops and dangling references."""
+    import tensorflow as tf
+
+    graph = tf.Graph()
+    try:
+        with graph.as_default():
+            tf.graph_util.import_graph_def(graph_def, name="")
+    except (ValueError, TypeError, tf.errors.OpError) as exc:
+        raise ModelRejected("invalid_graph", f"TensorFlow cannot import the graph: {exc}") from exc
+    return graph
+
+
+def tensor_sig(graph: Any, name: str) -> TensorSig:
+    try:
+        tensor = graph.get_tensor_by_name(name)
+    except (KeyError, ValueError) as exc:
+        raise ModelRejected("missing_tensor", f"the graph has no tensor {name!r}") from exc
+    shape = tensor.shape
+    dims = (
+        None if shape.rank is None else tuple(-1 if d is None else int(d) for d in shape.as_list())
+    )
+    return TensorSig(name=name, dtype=tensor.dtype.as_datatype_enum, shape=dims)
+
+
+def _short_keys(names: Sequence[str]) -> dict[str, str]:
+    """Signature keys for inferred tensors: the last name component, the full name on a clash."""
+    short = [n.rsplit(":", 1)[0].rsplit("/", 1)[-1] for n in names]
+    keys = {}
+    for name, key in zip(names, short, strict=True):
+        op, index = name.rsplit(":", 1)
+        unique = short.count(key) == 1
+        base = key if unique else op.replace("/", "_")
+        keys[base if index == "0" else f"{base}_{index}"] = name
+    return keys
+
+
+def infer_signature(graph: Any) -> tuple[dict[str, str], dict[str, str]]:
+    """Inputs from the placeholders, outputs from the ops nothing consumes."""
+    placeholders = [op for op in graph.get_operations() if op.type == "Placeholder"]
+    consumed: set[str] = set()
+    for op in graph.get_operations():
+        consumed.update(t.op.name for t in op.inputs)
+        consumed.update(c.name for c in op.control_inputs)
+    sinks = [
+        op
+        for op in graph.get_operations()
+        if op.name not in consumed
+        and op.outputs
+        and op.type not in _NOT_OUTPUTS
+        and op.type not in INITIALIZER_OPS
+        and all(t.dtype not in (_resource_dtype(), _variant_dtype()) for t in op.outputs)
+    ]
+    if not placeholders:
+        raise ModelRejected("no_inputs", "the graph has no Placeholder: declare its inputs")
+    if not sinks:
+        raise ModelRejected(
+            "no_outputs", "no op produces an unconsumed tensor: declare its outputs"
+        )
+    inputs = _short_keys([op.outputs[0].name for op in placeholders])
+    outputs = _short_keys([t.name for op in sinks for t in op.outputs])
+    return inputs, outputs
+
+
+def _resource_dtype() -> Any:
+    import tensorflow as tf
+
+    return tf.resource
+
+
+def _variant_dtype() -> Any:
+    import tensorflow as tf
+
+    return tf.variant
+
+
+def probe_inputs(
+    signature: str, inputs: Mapping[str, TensorSig], sample: Mapping[str, Any] | None
+) -> dict[str, np.ndarray]:
+    """The value fed to each input when checking a model: its sample, or one made from its type."""
+    import tensorflow as tf
+
+    seed = int.from_bytes(hashlib.sha256(signature.encode()).digest()[:8], "little")
+    rng = np.random.default_rng(seed)
+    values = {}
+    for key, sig in sorted(inputs.items()):
+        dtype = tf.dtypes.as_dtype(sig.dtype)
+        if sample is not None and key in sample:
+            try:
+                np_dtype = object if dtype == tf.string else dtype.as_numpy_dtype
+                value = np.asarray(sample[key], dtype=np_dtype)
+                if dtype == tf.string:
+                    value = np.vectorize(
+                        lambda s: s.encode() if isinstance(s, str) else s, otypes=[object]
+                    )(value)
+            except (TypeError, ValueError) as exc:
+                raise ModelRejected(
+                    "bad_sample", f"sample.{key} is not a {dtype.name} array: {exc}"
+                ) from exc
+            values[key] = value
+            continue
+        shape = (2,) if sig.shape is None else tuple(2 if d < 0 else d for d in sig.shape)
+        if dtype.is_floating:
+            values[key] = rng.standard_normal(shape).astype(dtype.as_numpy_dtype)
+        elif dtype.is_integer or dtype == tf.bool:
+            # Zeros are valid indices for any embedding or table a graph may look them up in.
+            values[key] = np.zeros(shape, dtype=dtype.as_numpy_dtype)
+        elif dtype == tf.string:
+            values[key] = np.full(shape, b"tfmerge probe", dtype=object)
+        else:
+            raise ModelRejected(
+                "bad_sample",
+                f"cannot make a probe value for input {key!r} of type {dtype.name}: add a sample",
+            )
+    return values
+
+
+def run_graph(
+    graph: Any,
+    init_nodes: Sequence[str],
+    feeds: Mapping[str, np.ndarray],
+    fetches: Mapping[str, str],
+) -> dict[str, np.ndarray]:
+    """Run a source graph the way the merged model runs it: initializers first, then one call."""
+    import tensorflow as tf
+
+    with tf.compat.v1.Session(graph=graph) as session:
+        if init_nodes:
+            session.run([graph.get_operation_by_name(n) for n in init_nodes])
+        result: dict[str, np.ndarray] = session.run(dict(fetches), feed_dict=dict(feeds))
+    return result

@@ -1,0 +1,47 @@
+"""Structured logging: JSON lines on stdout when not on a terminal, console output on one.
+
+Every event has a name (the structlog ``event`` key) documented in docs/events.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Literal, TextIO
+
+import structlog
+
+LogFormat = Literal["auto", "json", "console"]
+
+
+def configure(
+    *, fmt: LogFormat = "auto", level: str = "info", stream: TextIO | None = None
+) -> None:
+    """Configure structlog for this process. Safe to call again (SIGHUP reload)."""
+    out = stream if stream is not None else sys.stdout
+    if fmt == "auto":
+        fmt = "console" if out.isatty() else "json"
+    renderer: Any
+    if fmt == "json":
+        renderer = structlog.processors.JSONRenderer(sort_keys=False)
+    else:
+        renderer = structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.WriteLoggerFactory(file=out),  # flushes every line
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(**context: Any) -> Any:
+    """A logger with ``context`` bound to every line it writes."""
+    return structlog.get_logger("tfmerge").bind(**context)

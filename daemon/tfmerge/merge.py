@@ -1,0 +1,290 @@
+"""Many frozen graphs in, one SavedModel out. Worker side: imports TensorFlow's protobufs.
+
+The merge works on protobufs, not on a tf.Graph: each graph's nodes are renamed into its own
+scope in place and serialised once, then written as one more ``graph_def`` chunk of the
+MetaGraphDef (protobuf merges repeated occurrences of an embedded message). Constants are
+never copied into a TensorFlow graph, which is where the naive merge spends its time and memory.
+
+Function libraries are merged by content: a function defined identically by several graphs is
+kept once; a name defined with different bodies (TF2 graphs frozen in separate processes all
+have ``while_body_frozen_71``-like names) is renamed in the later graph, with every reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tfmerge.graphs import TensorSig
+
+#: Name of the NoOp that runs every graph's initializers when the SavedModel loads.
+MAIN_OP_NAME = "tfmerge_main_op"
+_MAIN_OP_COLLECTION = "saved_model_main_op"
+_PREDICT = "tensorflow/serving/predict"
+_INVALID_SCOPE_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
+def scope_for(signature: str) -> str:
+    """A valid, collision-free TensorFlow name scope for any signature name.
+
+    A name that is already valid is used as it is; any other gets its invalid characters
+    replaced and a digest of the original appended, so "a b" and "a_b" never meet.
+    """
+    cleaned = _INVALID_SCOPE_CHARS.sub("_", signature)
+    if cleaned == signature and cleaned[:1].isalnum():
+        return cleaned
+    digest = hashlib.sha256(signature.encode()).hexdigest()[:8]
+    return f"m_{cleaned}_{digest}" if not cleaned[:1].isalnum() else f"{cleaned}_{digest}"
+
+
+@dataclass(frozen=True)
+class SignatureSpec:
+    name: str
+    inputs: Mapping[str, TensorSig]
+    outputs: Mapping[str, TensorSig]
+
+
+@dataclass
+class GraphUnit:
+    """One distinct graph (by content) and the signatures served from it."""
+
+    sha256: str
+    graph_def: Any
+    scope: str
+    init_nodes: Sequence[str]
+    signatures: Sequence[SignatureSpec]
+
+
+@dataclass(frozen=True)
+class MergeStats:
+    graphs: int
+    signatures: int
+    nodes: int
+    functions: int
+    renamed_functions: int
+    saved_model_bytes: int
+
+
+def _tensor_in_scope(scope: str, name: str) -> str:
+    return f"{scope}/{name}"
+
+
+def _rename_input(scope: str, ref: str) -> str:
+    if ref.startswith("^"):
+        return f"^{scope}/{ref[1:]}"
+    return f"{scope}/{ref}"
+
+
+def _rename_funcs_in_attr(value: Any, renames: Mapping[str, str]) -> None:
+    kind = value.WhichOneof("value")
+    if kind == "func":
+        value.func.name = renames.get(value.func.name, value.func.name)
+        for nested in value.func.attr.values():
+            _rename_funcs_in_attr(nested, renames)
+    elif kind == "list":
+        for func in value.list.func:
+            func.name = renames.get(func.name, func.name)
+            for nested in func.attr.values():
+                _rename_funcs_in_attr(nested, renames)
+
+
+def _rename_funcs_in_node(node: Any, renames: Mapping[str, str]) -> None:
+    if not renames:
+        return
+    if node.op in renames:
+        node.op = renames[node.op]
+    for value in node.attr.values():
+        _rename_funcs_in_attr(value, renames)
+
+
+def _scope_node(node: Any, scope: str, renames: Mapping[str, str]) -> None:
+    node.name = f"{scope}/{node.name}"
+    if node.input:
+        node.input[:] = [_rename_input(scope, ref) for ref in node.input]
+    colocation = node.attr.get("_class")
+    if colocation is not None and colocation.list.s:
+        colocation.list.s[:] = [
+            b"loc:@" + scope.encode() + b"/" + s[len(b"loc:@") :] if s.startswith(b"loc:@") else s
+            for s in colocation.list.s
+        ]
+    shared = node.attr.get("shared_name")
+    if shared is not None and shared.s:
+        # Tables and variables with the same shared_name would be one resource in a session.
+        shared.s = scope.encode() + b"/" + shared.s
+    _rename_funcs_in_node(node, renames)
+
+
+class _Library:
+    """The merged function library, keyed by name, compared by content."""
+
+    def __init__(self) -> None:
+        self.functions: dict[str, bytes] = {}
+        self.order: list[Any] = []
+        self.gradients: dict[str, str] = {}
+        self.renamed = 0
+
+    def add_graph_library(self, library: Any) -> dict[str, str]:
+        """Add one graph's functions; returns that graph's renames (old name -> new name)."""
+        own = {f.signature.name: f for f in library.function}
+        renames: dict[str, str] = {}
+        changed = True
+        while changed:
+            changed = False
+            for name, function in own.items():
+                if name in renames or name not in self.functions:
+                    continue
+                if self._serialized(function, renames) != self.functions[name]:
+                    renames[name] = self._fresh_name(name, function, own)
+                    changed = True
+        for name, function in own.items():
+            final = renames.get(name, name)
+            if final in self.functions:
+                continue  # the loop above proved it identical to the function already kept
+            for node in function.node_def:
+                _rename_funcs_in_node(node, renames)
+            function.signature.name = final
+            self.functions[final] = function.SerializeToString(deterministic=True)
+            self.order.append(function)
+        for gradient in library.gradient:
+            fn = renames.get(gradient.function_name, gradient.function_name)
+            self.gradients.setdefault(
+                fn, renames.get(gradient.gradient_func, gradient.gradient_func)
+            )
+        self.renamed += len(renames)
+        return renames
+
+    def _serialized(self, function: Any, renames: Mapping[str, str]) -> bytes:
+        copy = function
+        if renames:
+            copy = type(function)()
+            copy.CopyFrom(function)
+            for node in copy.node_def:
+                _rename_funcs_in_node(node, renames)
+        data: bytes = copy.SerializeToString(deterministic=True)
+        return data
+
+    def _fresh_name(self, name: str, function: Any, own: Mapping[str, Any]) -> str:
+        digest = hashlib.sha256(function.SerializeToString(deterministic=True)).hexdigest()
+        for width in range(8, len(digest) + 1):
+            candidate = f"{name}_{digest[:width]}"
+            if candidate not in self.functions and candidate not in own:
+                return candidate
+        raise RuntimeError(f"no free name for function {name}")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _field_header(number: int, length: int) -> bytes:
+    return _varint((number << 3) | 2) + _varint(length)
+
+
+def _fsync_write(path: Path, chunks: Sequence[bytes]) -> int:
+    with path.open("wb") as handle:
+        for chunk in chunks:
+            handle.write(chunk)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return sum(len(chunk) for chunk in chunks)
+
+
+def merge(units: Sequence[GraphUnit], export_dir: Path) -> MergeStats:
+    """Write one SavedModel (tag ``serve``) holding every unit under its scope into export_dir."""
+    import tensorflow as tf
+    from tensorflow.core.framework import graph_pb2
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+    library = _Library()
+    node_chunks: list[bytes] = []
+    init_nodes: list[str] = []
+    node_count = 0
+    producer: int | None = None
+    min_consumer = 0
+    for unit in units:
+        graph_def = unit.graph_def
+        renames = library.add_graph_library(graph_def.library)
+        for node in graph_def.node:
+            _scope_node(node, unit.scope, renames)
+        node_count += len(graph_def.node)
+        init_nodes.extend(_tensor_in_scope(unit.scope, n) for n in unit.init_nodes)
+        version = graph_def.versions
+        # The oldest producer keeps every graph's deprecated ops loadable.
+        producer = version.producer if producer is None else min(producer, version.producer)
+        min_consumer = max(min_consumer, version.min_consumer)
+        graph_def.ClearField("library")
+        graph_def.ClearField("versions")
+        graph_def.ClearField("debug_info")
+        node_chunks.append(graph_def.SerializeToString(deterministic=True))
+        graph_def.Clear()  # the serialised bytes are all we keep of it
+
+    head = graph_pb2.GraphDef()
+    head.versions.producer = producer or 0
+    head.versions.min_consumer = min_consumer
+    main_op = head.node.add(name=MAIN_OP_NAME, op="NoOp")
+    main_op.input.extend(f"^{name}" for name in init_nodes)
+    head.library.function.extend(library.order)
+    for function_name, gradient in sorted(library.gradients.items()):
+        head.library.gradient.add(function_name=function_name, gradient_func=gradient)
+
+    meta = meta_graph_pb2.MetaGraphDef()
+    meta.meta_info_def.tags.append("serve")
+    meta.meta_info_def.tensorflow_version = tf.version.VERSION
+    meta.meta_info_def.tensorflow_git_version = tf.version.GIT_VERSION
+    meta.graph_def.CopyFrom(head)
+    meta.collection_def[_MAIN_OP_COLLECTION].node_list.value.append(MAIN_OP_NAME)
+    signatures = 0
+    for unit in units:
+        for spec in unit.signatures:
+            signature = meta.signature_def[spec.name]
+            signature.method_name = _PREDICT
+            for key, sig in spec.inputs.items():
+                _tensor_info(signature.inputs[key], unit.scope, sig)
+            for key, sig in spec.outputs.items():
+                _tensor_info(signature.outputs[key], unit.scope, sig)
+            signatures += 1
+
+    nodes_payload = sum(len(c) for c in node_chunks)
+    meta_bytes = meta.SerializeToString(deterministic=True)
+    meta_length = len(meta_bytes) + len(_field_header(2, nodes_payload)) + nodes_payload
+    chunks = [
+        b"\x08\x01",  # SavedModel.saved_model_schema_version = 1
+        _field_header(2, meta_length),  # SavedModel.meta_graphs[0]
+        meta_bytes,
+        _field_header(2, nodes_payload),  # MetaGraphDef.graph_def, merged into the one above
+        *node_chunks,
+    ]
+    export_dir.mkdir(parents=True, exist_ok=True)
+    (export_dir / "variables").mkdir(exist_ok=True)
+    written = _fsync_write(export_dir / "saved_model.pb", chunks)
+    return MergeStats(
+        graphs=len(units),
+        signatures=signatures,
+        nodes=node_count + 1,
+        functions=len(library.order),
+        renamed_functions=library.renamed,
+        saved_model_bytes=written,
+    )
+
+
+def _tensor_info(info: Any, scope: str, sig: TensorSig) -> None:
+    info.name = _tensor_in_scope(scope, sig.name)
+    info.dtype = sig.dtype
+    if sig.shape is None:
+        info.tensor_shape.unknown_rank = True
+    else:
+        for dim in sig.shape:
+            info.tensor_shape.dim.add(size=dim)

@@ -1,0 +1,212 @@
+"""One build from start to publish, as the supervisor sees it. No TensorFlow here.
+
+The TensorFlow part (``tfmerge.build.run_build``) is passed in as a callable, so the one-shot
+``tfmerge build`` runs it in-process and the daemon runs it in a worker process.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from tfmerge import publish, specs
+from tfmerge.config import Config
+from tfmerge.logs import get_logger
+from tfmerge.store import AcceptedModel, Store
+
+if TYPE_CHECKING:  # importing tfmerge.build at run time would import TensorFlow
+    from tfmerge.build import BuildResult
+
+
+class BuildRunner(Protocol):
+    def __call__(
+        self,
+        config: Config,
+        resolution: specs.Resolution,
+        staging: Path,
+        build_id: str,
+        *,
+        newest_fingerprint: str | None,
+        raw_fingerprint: str | None,
+    ) -> BuildResult: ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The summary of one build, also the ``build_finished`` log line."""
+
+    build_id: str
+    outcome: str  # published | unchanged | empty | failed | error
+    version: int | None
+    rejected: int
+    fields: dict[str, Any]
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in ("published", "unchanged") and self.rejected == 0
+
+
+def new_build_id() -> str:
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}"
+
+
+def newest_manifest(config: Config) -> tuple[int | None, dict[str, Any]]:
+    found = publish.newest(config.serving_dir)
+    if found is None:
+        return None, {}
+    return found[0], publish.read_manifest(found[1])
+
+
+def high_water(store: Store) -> int:
+    value = store.last_build().get("high_water", 0)
+    return value if isinstance(value, int) else 0
+
+
+def _changes(
+    previous: dict[str, AcceptedModel], models: tuple[AcceptedModel, ...]
+) -> dict[str, list[str]]:
+    current = {m.signature: m for m in models}
+    added = sorted(s for s in current if s not in previous)
+    updated = sorted(
+        s
+        for s, m in current.items()
+        if s in previous
+        and not m.kept
+        and (m.sha256, dict(m.inputs), dict(m.outputs))
+        != (previous[s].sha256, dict(previous[s].inputs), dict(previous[s].outputs))
+    )
+    return {
+        "added": added,
+        "updated": updated,
+        "kept": sorted(s for s, m in current.items() if m.kept),
+        "removed": sorted(s for s in previous if s not in current),
+    }
+
+
+def _message(changes: dict[str, list[str]]) -> str:
+    parts = [f"{kind} {', '.join(names)}" for kind, names in changes.items() if names]
+    return "; ".join(parts) if parts else "rebuilt"
+
+
+def run_once(
+    config: Config,
+    runner: BuildRunner,
+    *,
+    trigger: str = "manual",
+    settle_seconds: float | None = None,
+    on_staging: Callable[[Path], None] | None = None,
+    skip_unchanged_files: bool = False,
+) -> Outcome:
+    """Resolve, build (through runner), and publish when the result is new and verified.
+
+    With skip_unchanged_files, files and declarations identical to those the newest version
+    was built from end the build before TensorFlow is started (the daemon's start-up check).
+    """
+    build_id = new_build_id()
+    log = get_logger(build_id=build_id)
+    store = Store(config.state_dir)
+    started = time.monotonic()
+    config.serving_dir.mkdir(parents=True, exist_ok=True)
+    resolution = specs.resolve(config)
+    raw = specs.raw_fingerprint(config, resolution)
+    newest_version, manifest = newest_manifest(config)
+    log.info("build_started", trigger=trigger, models=len(resolution.specs), newest=newest_version)
+    if skip_unchanged_files and raw == manifest.get("raw_fingerprint") and raw:
+        log.info("build_unchanged", version=newest_version, fingerprint=manifest.get("fingerprint"))
+        rejected = len(store.rejections())
+        log.info("build_finished", outcome="unchanged", version=None, rejected=rejected)
+        return Outcome(build_id, "unchanged", None, rejected, {})
+    staging = publish.staging_path(config.serving_dir, build_id)
+    if on_staging is not None:
+        on_staging(staging)
+    version: int | None = None
+    fields: dict[str, Any] = {}
+    try:
+        result = runner(
+            config,
+            resolution,
+            staging,
+            build_id,
+            newest_fingerprint=manifest.get("fingerprint"),
+            raw_fingerprint=raw,
+        )
+        durations = dict(result.timings)
+        previous = store.accepted()
+        changes = _changes(previous, result.models)
+        fields.update(changes)
+        fields["rejected"] = [r.as_dict() for r in result.rejections]
+        outcome = result.outcome
+        if result.outcome == "built":
+            publish_started = time.monotonic()
+            version = _publish(config, store, staging, result, changes, log)
+            durations["publish"] = round(time.monotonic() - publish_started, 4)
+            outcome = "published"
+        elif result.outcome == "unchanged":
+            log.info("build_unchanged", version=newest_version, fingerprint=result.fingerprint)
+        elif result.outcome == "empty":
+            log.warning("build_empty", reason="no model was accepted; nothing to publish")
+        store.record_rejections(result.rejections)
+        if settle_seconds is not None:
+            durations["settle"] = round(settle_seconds, 4)
+        durations["total"] = round(time.monotonic() - started, 4)
+        fields["durations"] = durations
+        fields["signatures"] = len(result.models)
+        rejected = len(result.rejections)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    store.record_last_build(
+        {
+            "raw_fingerprint": raw,
+            "outcome": outcome,
+            "build_id": build_id,
+            "high_water": max(version or 0, high_water(store), newest_version or 0),
+        }
+    )
+    log_method = log.info if outcome in ("published", "unchanged") and not rejected else log.warning
+    log_method("build_finished", outcome=outcome, version=version, **fields)
+    return Outcome(build_id, outcome, version, rejected, fields)
+
+
+def _publish(
+    config: Config,
+    store: Store,
+    staging: Path,
+    result: BuildResult,
+    changes: dict[str, list[str]],
+    log: Any,
+) -> int:
+    with publish.publish_lock(config.state_dir):
+        version = publish.next_version(config.serving_dir, high_water(store))
+        publish.publish(staging, config.serving_dir, version)
+        publish.write_history(
+            config.serving_dir,
+            publish.HistoryLine(version, changes["added"], _message(changes)),
+            (m.signature for m in result.models),
+        )
+        store.record_accepted(result.models)
+        store.set_hold(None)
+        pruned = publish.prune(config.serving_dir, config.keep_versions)
+    log.info(
+        "version_published",
+        version=version,
+        path=str(config.serving_dir / str(version)),
+        signatures=[m.signature for m in result.models],
+    )
+    for number in pruned:
+        log.info("version_pruned", version=number)
+    _collect_garbage(config, store)
+    return version
+
+
+def _collect_garbage(config: Config, store: Store) -> None:
+    """Keep the blobs of accepted models and of every retained version's sources."""
+    keep = {m.sha256 for m in store.accepted().values()}
+    for path in publish.versions(config.serving_dir).values():
+        keep.update(s.get("sha256", "") for s in publish.read_manifest(path).get("sources", []))
+    store.collect_garbage(keep)

@@ -1,0 +1,269 @@
+"""Which models a build serves: config entries, sidecar files and discovered graphs.
+
+Resolution only looks at names, sizes and declarations; reading and checking the graphs
+themselves is the worker's job. No TensorFlow here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tfmerge.config import Config, ModelDecl, Problem, parse_models
+from tfmerge.debounce import is_input_path
+
+MODEL_SUFFIXES = (".pb", ".pbtxt")
+#: Bumped when the layout of a merged SavedModel changes, so old versions are rebuilt.
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One signature to serve, with its graph file resolved inside ``frozen_dir``."""
+
+    signature: str
+    relpath: str
+    inputs: Mapping[str, str] | None  # None: infer from the graph's placeholders
+    outputs: Mapping[str, str] | None  # None: infer from the graph's sink tensors
+    sample: Mapping[str, Any] | None = None
+    origin: str = "config"
+
+    @property
+    def discovered(self) -> bool:
+        return self.inputs is None
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """An input refused before or during a build: always a file and a reason."""
+
+    code: str
+    reason: str
+    file: str | None = None
+    signature: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Resolution:
+    specs: tuple[ModelSpec, ...]
+    rejections: tuple[Rejection, ...] = ()
+    #: Signatures whose declaration was refused: their last good input keeps serving.
+    refused_signatures: frozenset[str] = field(default_factory=frozenset)
+
+
+def model_files(frozen_dir: Path) -> list[str]:
+    """Relative POSIX paths of every graph file under frozen_dir, upload leftovers excluded."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(frozen_dir, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            rel = Path(dirpath, name).relative_to(frozen_dir).as_posix()
+            if rel.endswith(MODEL_SUFFIXES) and is_input_path(rel):
+                found.append(rel)
+    return sorted(found)
+
+
+def sidecar_files(frozen_dir: Path) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(frozen_dir, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            rel = Path(dirpath, name).relative_to(frozen_dir).as_posix()
+            if rel.endswith(".toml") and is_input_path(rel):
+                found.append(rel)
+    return sorted(found)
+
+
+def discovered_signature(relpath: str) -> str:
+    """A discovered graph's signature: its path without the suffix (``a/kws.pb``: ``a/kws``)."""
+    for suffix in MODEL_SUFFIXES:
+        if relpath.endswith(suffix):
+            return relpath[: -len(suffix)]
+    return relpath
+
+
+def check_path(frozen_dir: Path, relpath: str) -> Rejection | None:
+    """Refuse a path that leaves frozen_dir, directly or through a symlink, or is not a file."""
+    root = frozen_dir.resolve()
+    candidate = root / relpath
+    try:
+        resolved = candidate.resolve(strict=True)
+    except FileNotFoundError:
+        return Rejection("missing_file", "no such file in frozen_dir", file=relpath)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        return Rejection("unreadable", f"cannot resolve path: {exc}", file=relpath)
+    if not resolved.is_relative_to(root):
+        return Rejection(
+            "path_escapes", f"resolves to {resolved}, outside frozen_dir {root}", file=relpath
+        )
+    if not resolved.is_file():
+        return Rejection("not_a_file", "is not a regular file", file=relpath)
+    return None
+
+
+def _normalise(relpath: str) -> str:
+    return Path(os.path.normpath(relpath)).as_posix()
+
+
+def _sidecar_models(frozen_dir: Path, rel: str) -> tuple[list[ModelDecl], list[Rejection]]:
+    stem = rel[: -len(".toml")]
+    graph = next((stem + s for s in MODEL_SUFFIXES if (frozen_dir / (stem + s)).exists()), None)
+    if graph is None:
+        # A sidecar may arrive before its graph; it only declares, so wait for the graph.
+        return [], []
+    try:
+        data = tomllib.loads((frozen_dir / rel).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        return [], [Rejection("bad_sidecar", f"not valid TOML: {exc}", file=rel)]
+    problems: list[Problem] = []
+    extra = sorted(set(data) - {"models"})
+    problems.extend(Problem(key, "unknown key (a sidecar holds only [[models]])") for key in extra)
+    decls = parse_models(data.get("models"), "models", f"sidecar {rel}", problems)
+    parent = Path(rel).parent
+    resolved = []
+    for decl in decls:
+        target = _normalise((parent / decl.frozen).as_posix()) if decl.frozen else graph
+        if target != graph:
+            problems.append(
+                Problem(
+                    decl.origin, f"a sidecar declares only its own graph {graph!r}, not {target!r}"
+                )
+            )
+            continue
+        resolved.append(ModelDecl(**{**asdict(decl), "frozen": graph}))
+    if problems:
+        reason = "; ".join(str(p) for p in problems)
+        return [], [Rejection("bad_sidecar", reason, file=rel)]
+    return resolved, []
+
+
+def resolve(config: Config) -> Resolution:
+    """The models of the next build, and the declarations refused before reading any graph."""
+    rejections: list[Rejection] = []
+    decls: list[ModelDecl] = list(config.models)
+    frozen_dir = config.frozen_dir
+    if not frozen_dir.is_dir():
+        return Resolution(
+            (), (Rejection("missing_dir", "frozen_dir does not exist", file=str(frozen_dir)),)
+        )
+    for rel in sidecar_files(frozen_dir):
+        models, problems = _sidecar_models(frozen_dir, rel)
+        decls.extend(models)
+        rejections.extend(problems)
+
+    by_signature: dict[str, list[ModelDecl]] = {}
+    for decl in decls:
+        by_signature.setdefault(decl.signature, []).append(decl)
+    declared_files = {_normalise(d.frozen) for d in decls}
+    if config.discover:
+        for rel in model_files(frozen_dir):
+            if rel in declared_files:
+                continue
+            by_signature.setdefault(discovered_signature(rel), []).append(
+                ModelDecl(discovered_signature(rel), rel, {}, {}, origin="discovered")
+            )
+
+    specs: list[ModelSpec] = []
+    refused: set[str] = set()
+    for signature in sorted(by_signature):
+        claims = by_signature[signature]
+        if len(claims) > 1:
+            origins = ", ".join(f"{c.origin} ({c.frozen})" for c in claims)
+            rejections.append(
+                Rejection(
+                    "duplicate_signature",
+                    f"signature declared {len(claims)} times: {origins}",
+                    file=claims[0].frozen,
+                    signature=signature,
+                )
+            )
+            refused.add(signature)
+            continue
+        decl = claims[0]
+        relpath = _normalise(decl.frozen)
+        problem = check_path(frozen_dir, relpath)
+        if problem is None:
+            problem = _check_size(frozen_dir / relpath, relpath, config.max_model_bytes)
+        if problem is not None:
+            rejections.append(Rejection(problem.code, problem.reason, relpath, signature))
+            refused.add(signature)
+            continue
+        discovered = decl.origin == "discovered"
+        specs.append(
+            ModelSpec(
+                signature=signature,
+                relpath=relpath,
+                inputs=None if discovered else dict(decl.inputs),
+                outputs=None if discovered else dict(decl.outputs),
+                sample=decl.sample,
+                origin=decl.origin,
+            )
+        )
+    return Resolution(tuple(specs), tuple(rejections), frozenset(refused))
+
+
+def _check_size(path: Path, relpath: str, limit: int) -> Rejection | None:
+    size = path.stat().st_size
+    if size == 0:
+        return Rejection(
+            "empty_file", "the file is empty (an upload that has not started?)", relpath
+        )
+    if size > limit:
+        return Rejection(
+            "too_large", f"{size} bytes is over max_model_bytes = {limit}", file=relpath
+        )
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def spec_key(spec: ModelSpec) -> dict[str, Any]:
+    return {
+        "signature": spec.signature,
+        "file": spec.relpath,
+        "inputs": dict(sorted(spec.inputs.items())) if spec.inputs is not None else None,
+        "outputs": dict(sorted(spec.outputs.items())) if spec.outputs is not None else None,
+        "sample": spec.sample,
+    }
+
+
+def fingerprint(entries: Iterable[Mapping[str, Any]], config: Config) -> str:
+    """A digest of everything a merged version depends on, so equal inputs are built once."""
+    payload = {
+        "format": FORMAT_VERSION,
+        "allow_ops": list(config.allow_ops),
+        "models": sorted((dict(e) for e in entries), key=lambda e: str(e["signature"])),
+    }
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def raw_fingerprint(config: Config, resolution: Resolution) -> str:
+    """The fingerprint of what is on disk now, computed without TensorFlow (hashes every file)."""
+    entries = []
+    for spec in resolution.specs:
+        try:
+            digest = file_sha256(config.frozen_dir / spec.relpath)
+        except OSError as exc:
+            digest = f"unreadable:{exc.errno}"
+        entries.append({**spec_key(spec), "sha256": digest})
+    entries.extend(
+        {"signature": f"!{r.signature or r.file}", "code": r.code, "file": r.file}
+        for r in resolution.rejections
+    )
+    return fingerprint(entries, config)

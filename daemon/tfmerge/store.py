@@ -1,0 +1,150 @@
+"""The state folder: last accepted input of every model, current rejections, build records.
+
+Layout (all written atomically: temporary file, fsync, rename, fsync of the folder)::
+
+    state_dir/blobs/<sha256><.pb|.pbtxt>   exact bytes of every accepted input (content-addressed)
+    state_dir/accepted.json                signature -> AcceptedModel, as last published
+    state_dir/rejected.json                the inputs refused by the last build
+    state_dir/last_build.json              fingerprint of what the last build saw on disk
+    state_dir/hold.json                    set by rollback: do not rebuild these inputs
+    state_dir/failed/<N>                   versions moved out of the serving folder
+
+No TensorFlow here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tfmerge.specs import Rejection
+
+
+@dataclass(frozen=True)
+class AcceptedModel:
+    """A model that passed every check, with the exact input it was built from."""
+
+    signature: str
+    relpath: str
+    sha256: str
+    size: int
+    inputs: Mapping[str, str]
+    outputs: Mapping[str, str]
+    sample: Mapping[str, Any] | None = None
+    origin: str = "config"
+    #: True when the current file was refused and this is its last good input.
+    kept: bool = False
+    #: Input and output types as the signature declares them, for `tfmerge status`.
+    tensors: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def suffix(self) -> str:
+        return ".pbtxt" if self.relpath.endswith(".pbtxt") else ".pb"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AcceptedModel:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace path with data so a reader sees the old bytes or the new ones, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_json(path: Path, value: Any) -> None:
+    atomic_write(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path, default: Any) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return default
+    except (OSError, ValueError):
+        # A damaged record must not stop the daemon: the next publish rewrites it.
+        return default
+
+
+class Store:
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir
+        self.blobs = state_dir / "blobs"
+
+    def blob_path(self, sha256: str, suffix: str) -> Path:
+        return self.blobs / f"{sha256}{suffix}"
+
+    def write_blob(self, sha256: str, suffix: str, data: bytes) -> None:
+        path = self.blob_path(sha256, suffix)
+        if not path.exists():
+            atomic_write(path, data)
+
+    def accepted(self) -> dict[str, AcceptedModel]:
+        raw = read_json(self.root / "accepted.json", {})
+        return {name: AcceptedModel.from_dict(entry) for name, entry in raw.items()}
+
+    def record_accepted(self, models: Iterable[AcceptedModel]) -> None:
+        write_json(self.root / "accepted.json", {m.signature: m.as_dict() for m in models})
+
+    def rejections(self) -> list[dict[str, Any]]:
+        value: list[dict[str, Any]] = read_json(self.root / "rejected.json", [])
+        return value
+
+    def record_rejections(self, rejections: Iterable[Rejection]) -> None:
+        write_json(self.root / "rejected.json", [r.as_dict() for r in rejections])
+
+    def last_build(self) -> dict[str, Any]:
+        value: dict[str, Any] = read_json(self.root / "last_build.json", {})
+        return value
+
+    def record_last_build(self, record: Mapping[str, Any]) -> None:
+        write_json(self.root / "last_build.json", dict(record))
+
+    def hold(self) -> str | None:
+        value = read_json(self.root / "hold.json", {}).get("raw_fingerprint")
+        return value if isinstance(value, str) else None
+
+    def set_hold(self, raw_fingerprint: str | None) -> None:
+        path = self.root / "hold.json"
+        if raw_fingerprint is None:
+            path.unlink(missing_ok=True)
+        else:
+            write_json(path, {"raw_fingerprint": raw_fingerprint})
+
+    def collect_garbage(self, keep_sha256: Iterable[str]) -> list[str]:
+        """Remove blobs no accepted model or retained version needs; returns their names."""
+        keep = set(keep_sha256)
+        removed = []
+        if self.blobs.is_dir():
+            for blob in sorted(self.blobs.iterdir()):
+                if blob.name.split(".", 1)[0] not in keep:
+                    blob.unlink(missing_ok=True)
+                    removed.append(blob.name)
+        return removed

@@ -1,0 +1,224 @@
+"""The process boundary: every build runs in a child process that imports TensorFlow.
+
+A crash, a leak, an out-of-memory kill or a hostile graph ends the child, never the
+supervisor. The child is started with ``spawn`` (no inherited threads or locks) and talks to
+the supervisor over one pipe: it reports ``ready`` once TensorFlow is imported, receives one
+build request and answers with one result.
+
+A warm worker is simply a child started before it is needed: it imports TensorFlow while the
+daemon is idle, so the next build skips that cost (see docs/benchmarks.md for what it costs
+in memory). This module does not import TensorFlow.
+"""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tfmerge import logs
+from tfmerge.config import Config
+from tfmerge.specs import Resolution
+
+if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+
+    from tfmerge.build import BuildResult
+
+#: errno values worth a retry: the file system is busy, full or failing, not the input bad.
+TRANSIENT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EIO, errno.EBUSY, errno.EAGAIN, errno.EDQUOT, errno.ENOMEM, errno.EINTR}
+)
+_TERMINATE_GRACE_SECONDS = 5.0
+
+
+class WorkerError(Exception):
+    """A build that ended without a result. ``transient`` ones are worth a retry."""
+
+    def __init__(self, kind: str, message: str, *, transient: bool) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.transient = transient
+
+
+class BuildAborted(Exception):
+    """The supervisor was asked to stop while a build ran; the child was ended."""
+
+
+@dataclass(frozen=True)
+class _Request:
+    config: Config
+    resolution: Resolution
+    staging: str
+    build_id: str
+    newest_fingerprint: str | None
+    raw_fingerprint: str | None
+
+
+def _child_main(conn: Connection, log_format: str, log_level: str) -> None:
+    """Entry point of the worker process."""
+    # The supervisor handles SIGINT for the whole process group; a terminal's Ctrl-C must not
+    # kill a build half-way before the supervisor decides what to do with it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logs.configure(fmt=log_format, level=log_level)  # type: ignore[arg-type]
+    from tfmerge.build import run_build
+
+    conn.send(("ready", os.getpid()))
+    try:
+        request: _Request = conn.recv()
+    except EOFError:
+        return
+    try:
+        result = run_build(
+            request.config,
+            request.resolution,
+            Path(request.staging),
+            request.build_id,
+            newest_fingerprint=request.newest_fingerprint,
+            raw_fingerprint=request.raw_fingerprint,
+        )
+    except OSError as exc:
+        transient = exc.errno in TRANSIENT_ERRNOS
+        conn.send(("error", "os_error", f"{exc}", transient))
+    except Exception as exc:  # noqa: BLE001 - the child must always answer; the supervisor logs it
+        conn.send(("error", "exception", f"{type(exc).__name__}: {exc}", False))
+    else:
+        conn.send(("result", result))
+    conn.close()
+
+
+class Worker:
+    """One child process; used for exactly one build."""
+
+    def __init__(self, config: Config) -> None:
+        context = multiprocessing.get_context("spawn")
+        parent, child = context.Pipe(duplex=True)
+        self._conn = parent
+        self._process: BaseProcess = context.Process(
+            target=_child_main,
+            args=(child, config.log.format, config.log.level),
+            name="tfmerge-worker",
+            daemon=True,
+        )
+        self._process.start()
+        child.close()
+        self.started = time.monotonic()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    def alive(self) -> bool:
+        return self._process.is_alive()
+
+    def run(
+        self,
+        request: _Request,
+        *,
+        timeout: float,
+        wake_fd: int | None,
+        should_abort: Callable[[], bool],
+        on_wait: Callable[[], float | None] = lambda: None,
+    ) -> BuildResult:
+        """Send the request and wait for the result, a crash, a timeout or an abort.
+
+        ``on_wait`` runs each time the wait wakes (it pings the systemd watchdog) and returns
+        how long the next wait may last at most.
+        """
+        deadline = time.monotonic() + timeout
+        try:
+            self._conn.send(request)
+        except (BrokenPipeError, ConnectionResetError, EOFError):
+            self.stop()
+            raise WorkerError("crashed", self._describe_exit(), transient=True) from None
+        watch: list[Any] = [self._conn, self._process.sentinel]
+        if wake_fd is not None:
+            watch.append(wake_fd)
+        while True:
+            if should_abort():
+                self.stop()
+                raise BuildAborted
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.stop()
+                raise WorkerError(
+                    "timeout", f"the build took longer than {timeout:g} s", transient=False
+                )
+            limit = on_wait()
+            ready = wait(watch, timeout=remaining if limit is None else min(remaining, limit))
+            if wake_fd is not None and wake_fd in ready:
+                _drain(wake_fd)
+            if self._conn in ready:
+                message = self._receive()
+                if message is None:
+                    continue
+                return message
+            if self._process.sentinel in ready and not self._conn.poll():
+                self.stop()
+                raise WorkerError("crashed", self._describe_exit(), transient=True)
+
+    def _receive(self) -> BuildResult | None:
+        try:
+            message = self._conn.recv()
+        except (EOFError, ConnectionResetError):
+            self.stop()
+            raise WorkerError("crashed", self._describe_exit(), transient=True) from None
+        if message[0] == "ready":
+            return None
+        self.stop()
+        if message[0] == "result":
+            result: BuildResult = message[1]
+            return result
+        _, kind, text, transient = message
+        raise WorkerError(kind, text, transient=transient)
+
+    def _describe_exit(self) -> str:
+        self._process.join(timeout=_TERMINATE_GRACE_SECONDS)
+        code = self._process.exitcode
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name
+            hint = (
+                " (the kernel's out-of-memory killer sends SIGKILL)"
+                if code == -signal.SIGKILL
+                else ""
+            )
+            return f"the worker was killed by {name}{hint}"
+        return f"the worker exited with status {code} without a result"
+
+    def stop(self) -> None:
+        """End the child: SIGTERM, then SIGKILL after a grace period. Idempotent."""
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(_TERMINATE_GRACE_SECONDS)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        else:
+            self._process.join()
+        self._conn.close()
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def make_request(
+    config: Config,
+    resolution: Resolution,
+    staging: Path,
+    build_id: str,
+    newest_fingerprint: str | None,
+    raw_fingerprint: str | None,
+) -> _Request:
+    return _Request(config, resolution, str(staging), build_id, newest_fingerprint, raw_fingerprint)

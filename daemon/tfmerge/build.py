@@ -7,6 +7,7 @@ touches an integer-named folder: its output is a staging folder that the caller 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,14 @@ from tfmerge.logs import get_logger
 from tfmerge.publish import MANIFEST
 from tfmerge.specs import ModelSpec, Rejection, Resolution, fingerprint, spec_key
 from tfmerge.store import AcceptedModel, Store
+
+# TensorFlow's C++ start-up chatter (CUDA probing, CPU features) is noise on a CPU host;
+# errors still reach stderr. Set before the first TensorFlow import in this process.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tensorflow as tf  # noqa: E402 - must follow the environment setting above
+
+# The SavedModel loader's deprecation notice would be printed on every build.
+tf.get_logger().setLevel("ERROR")
 
 
 @dataclass(frozen=True)

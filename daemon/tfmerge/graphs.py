@@ -62,7 +62,6 @@ def parse_graph_def(data: bytes, relpath: str) -> Any:
     """Parse binary (``.pb``) or text (``.pbtxt``) GraphDef bytes, refusing what is not one."""
     from google.protobuf import message, text_format, unknown_fields
     from tensorflow.core.framework import graph_pb2
-    from tensorflow.core.protobuf import saved_model_pb2
 
     if not data:
         raise ModelRejected("empty_file", "the file is empty")
@@ -75,32 +74,39 @@ def parse_graph_def(data: bytes, relpath: str) -> Any:
     else:
         try:
             graph_def.ParseFromString(data)
+            error = None
         except message.DecodeError as exc:
+            error = exc
+        if error is not None or len(unknown_fields.UnknownFieldSet(graph_def)):
+            if _is_saved_model(data):
+                raise ModelRejected(
+                    "not_a_graphdef",
+                    "the file is a SavedModel's saved_model.pb, not a frozen graph",
+                )
+            if error is None:
+                raise ModelRejected("not_a_graphdef", "the file is not a GraphDef")
             raise ModelRejected(
                 "unparseable",
-                f"cannot parse as a binary GraphDef ({exc}): a truncated upload, or not a GraphDef",
-            ) from exc
-        if len(unknown_fields.UnknownFieldSet(graph_def)):
-            saved = saved_model_pb2.SavedModel()
-            try:
-                saved.ParseFromString(data)
-                is_saved_model = bool(saved.meta_graphs) and bool(
-                    saved.meta_graphs[0].graph_def.node
-                )
-            except message.DecodeError:
-                is_saved_model = False
-            hint = (
-                "a SavedModel's saved_model.pb, not a frozen graph"
-                if is_saved_model
-                else "not a GraphDef"
-            )
-            raise ModelRejected("not_a_graphdef", f"the file is {hint}")
+                f"cannot parse as a binary GraphDef ({error}): a truncated upload, or not a GraphDef",
+            ) from error
     if not graph_def.node:
         raise ModelRejected("not_a_graphdef", "the GraphDef has no nodes")
     for node in graph_def.node:
         if not node.name or not node.op:
             raise ModelRejected("not_a_graphdef", "a node has no name or no op: not a GraphDef")
     return graph_def
+
+
+def _is_saved_model(data: bytes) -> bool:
+    from google.protobuf import message
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    try:
+        saved.ParseFromString(data)
+    except message.DecodeError:
+        return False
+    return bool(saved.meta_graphs) and bool(saved.meta_graphs[0].graph_def.node)
 
 
 def read_graph_def(path: Path, relpath: str, max_bytes: int) -> tuple[str, bytes, Any]:

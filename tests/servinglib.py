@@ -1,0 +1,72 @@
+"""Test helpers that look at a serving folder the way TensorFlow Serving does.
+
+TensorFlow Serving counts a child as a version only if its whole name parses as an integer,
+serves the highest, and loads it with the SavedModel loader (tag ``serve``), looking
+signatures up by name. These helpers do exactly that, independently of tfmerge's code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_INTEGER = re.compile(r"^[0-9]+$")
+
+
+def versions(base: Path) -> dict[int, Path]:
+    return dict(
+        sorted((int(p.name), p) for p in base.iterdir() if _INTEGER.match(p.name) and p.is_dir())
+    )
+
+
+def highest(base: Path) -> Path:
+    found = versions(base)
+    assert found, f"no version in {base}"
+    return found[max(found)]
+
+
+def manifest(version_dir: Path) -> dict[str, Any]:
+    value: dict[str, Any] = json.loads((version_dir / "assets.extra" / "tfmerge.json").read_text())
+    return value
+
+
+def run_signatures(
+    version_dir: Path, feeds: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Load version_dir with the SavedModel loader and run each named signature once."""
+    import tensorflow as tf
+
+    results = {}
+    with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as session:
+        meta = tf.compat.v1.saved_model.loader.load(session, ["serve"], str(version_dir))
+        for name, values in feeds.items():
+            signature = meta.signature_def[name]
+            fetches = {key: info.name for key, info in signature.outputs.items()}
+            feed_dict = {signature.inputs[key].name: value for key, value in values.items()}
+            results[name] = {
+                k: np.asarray(v) for k, v in session.run(fetches, feed_dict=feed_dict).items()
+            }
+    return results
+
+
+def signature_names(version_dir: Path) -> set[str]:
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((version_dir / "saved_model.pb").read_bytes())
+    return set(saved.meta_graphs[0].signature_def)
+
+
+def assert_same_outputs(actual: Mapping[str, np.ndarray], expected: Mapping[str, Any]) -> None:
+    assert set(actual) == set(expected)
+    for key, want in expected.items():
+        want = np.asarray(want)
+        got = np.asarray(actual[key])
+        assert got.dtype == want.dtype, (key, got.dtype, want.dtype)
+        assert got.shape == want.shape, (key, got.shape, want.shape)
+        assert np.array_equal(got, want), key

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from graphgen import FrozenModel
 
 from tfmerge import cli
+
+from graphgen import FrozenModel
 
 
 def toml_value(value: Any) -> str:

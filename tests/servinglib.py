@@ -64,8 +64,8 @@ def signature_names(version_dir: Path) -> set[str]:
 
 def assert_same_outputs(actual: Mapping[str, np.ndarray], expected: Mapping[str, Any]) -> None:
     assert set(actual) == set(expected)
-    for key, want in expected.items():
-        want = np.asarray(want)
+    for key, value in expected.items():
+        want = np.asarray(value)
         got = np.asarray(actual[key])
         assert got.dtype == want.dtype, (key, got.dtype, want.dtype)
         assert got.shape == want.shape, (key, got.shape, want.shape)

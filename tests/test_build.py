@@ -7,15 +7,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import graphgen
 import numpy as np
 import pytest
+
+from tfmerge import exitcodes
+
+import graphgen
 from conftest import HYAUDIO
 from graphgen import FrozenModel
 from projectlib import Project, model_entry, named, one
 from servinglib import assert_same_outputs, highest, manifest, run_signatures, versions
-
-from tfmerge import exitcodes
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -86,7 +87,8 @@ def test_mixed_models_publish_one_version_equal_to_their_sources(
     number, new, message = history[0].split("\t")
     assert number == "1"
     assert new.split(",") == sorted(declared)
-    assert message.startswith('"') and message.endswith('"')
+    assert message.startswith('"')
+    assert message.endswith('"')
     assert (project.serving / "exported_models").read_text().split("\n")[:-1] == sorted(declared)
     recorded = manifest(version)
     assert set(recorded["signatures"]) == set(declared)

@@ -6,14 +6,15 @@ import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
-import graphgen
 import numpy as np
 import pytest
+
+from tfmerge import exitcodes
+
+import graphgen
 from graphgen import FrozenModel
 from projectlib import Project, model_entry, named, one
 from servinglib import assert_same_outputs, highest, manifest, run_signatures, versions
-
-from tfmerge import exitcodes
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -27,7 +27,7 @@ from tfmerge.store import AcceptedModel, Store
 # TensorFlow's C++ start-up chatter (CUDA probing, CPU features) is noise on a CPU host;
 # errors still reach stderr. Set before the first TensorFlow import in this process.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import tensorflow as tf  # noqa: E402 - must follow the environment setting above
+import tensorflow as tf
 
 # The SavedModel loader's deprecation notice would be printed on every build.
 tf.get_logger().setLevel("ERROR")

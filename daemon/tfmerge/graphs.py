@@ -87,7 +87,8 @@ def parse_graph_def(data: bytes, relpath: str) -> Any:
                 raise ModelRejected("not_a_graphdef", "the file is not a GraphDef")
             raise ModelRejected(
                 "unparseable",
-                f"cannot parse as a binary GraphDef ({error}): a truncated upload, or not a GraphDef",
+                f"cannot parse as a binary GraphDef ({error}): "
+                "a truncated upload, or not a GraphDef",
             ) from error
     if not graph_def.node:
         raise ModelRejected("not_a_graphdef", "the GraphDef has no nodes")

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tfmerge import oppolicy
+
 GiB = 1024**3
 _TENSOR_NAME = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\-/>]*(:\d+)?$")
 _OP_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -252,6 +254,8 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
             "allow_ops", f'expected an array of op names like ["ReadFile"], got {allow_ops!r}'
         )
         allow_ops = []
+    for name in oppolicy.unknown_allowed_ops(allow_ops):
+        top.problem("allow_ops", f"{name!r} is not a refused op, so allowing it changes nothing")
     models = parse_models(top.take("models"), "models", "config", problems)
 
     watch_table = top.table("watch")

@@ -1,0 +1,210 @@
+"""Fast tests of the pure parts: config, model resolution, scope names, the serving folder."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tfmerge import config as config_module
+from tfmerge import publish, specs
+from tfmerge.config import ConfigError
+from tfmerge.merge import scope_for
+
+_VALID_NODE_NAME = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\-/]*$")
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "conf" / "tfmerge.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+BASE = 'frozen_dir = "../frozen"\nserving_dir = "../serving"\nstate_dir = "../state"\n'
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    loaded = config_module.load(write_config(tmp_path, BASE))
+    assert loaded.frozen_dir == (tmp_path / "frozen").resolve()
+    assert loaded.serving_dir == (tmp_path / "serving").resolve()
+    assert loaded.keep_versions == 5
+    assert loaded.watch.quiet_seconds == 2.0
+
+
+def test_tensor_names_default_to_output_zero(tmp_path: Path) -> None:
+    text = (
+        BASE
+        + '[[models]]\nsignature = "a"\nfrozen = "a.pb"\ninputs = { x = "x" }\noutputs = { y = "y:1" }\n'
+    )
+    loaded = config_module.load(write_config(tmp_path, text))
+    assert dict(loaded.models[0].inputs) == {"x": "x:0"}
+    assert dict(loaded.models[0].outputs) == {"y": "y:1"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (
+            "[watch]\nquiet_seconds = 5.0\nmax_wait_seconds = 1.0\n",
+            "watch.max_wait_seconds: must be >= quiet_seconds",
+        ),
+        ('allow_ops = ["Read File"]\n', "allow_ops: expected an array of op names"),
+        ('[log]\nlevel = "loud"\n', "log.level: expected one of"),
+        (
+            (
+                '[[models]]\nsignature = "a"\nfrozen = "a.pb"\ninputs = { x = "x:0" }\n'
+                'outputs = { y = "y:0" }\nsample = { z = [1] }\n'
+            ),
+            "models[0].sample.z: names no input",
+        ),
+        (
+            (
+                '[[models]]\nsignature = "a"\nfrozen = "a.pb"\ninputs = { x = "x:0" }\noutputs = { y = "y:0" }\n'
+                '[[models]]\nsignature = "a"\nfrozen = "b.pb"\ninputs = { x = "x:0" }\noutputs = { y = "y:0" }\n'
+            ),
+            "signature 'a' is already declared by models[0]",
+        ),
+        ("[worker]\ntimeout_seconds = 0\n", "worker.timeout_seconds: expected a number >= 1.0"),
+    ],
+)
+def test_config_problems_name_the_key(tmp_path: Path, extra: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_module.load(write_config(tmp_path, BASE + extra))
+    assert any(expected in str(p) for p in caught.value.problems), caught.value.problems
+
+
+def test_unreadable_and_invalid_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        config_module.load(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config_module.load(write_config(tmp_path, "frozen_dir = \n"))
+
+
+def resolved(tmp_path: Path, extra: str = "", *, discover: bool = True) -> specs.Resolution:
+    text = BASE + f"discover = {'true' if discover else 'false'}\n" + extra
+    return specs.resolve(config_module.load(write_config(tmp_path, text)))
+
+
+def test_discovery_skips_leftovers_and_declared_files(tmp_path: Path) -> None:
+    frozen = tmp_path / "frozen"
+    for name in (
+        "a.pb",
+        "team/b.pbtxt",
+        ".a.pb.x1y2",
+        "c.pb.part",
+        "d.tmp",
+        ".hidden/e.pb",
+        "notes.txt",
+    ):
+        (frozen / name).parent.mkdir(parents=True, exist_ok=True)
+        (frozen / name).write_bytes(b"\x01")
+    extra = '[[models]]\nsignature = "declared"\nfrozen = "a.pb"\ninputs = { x = "x:0" }\noutputs = { y = "y:0" }\n'
+    result = resolved(tmp_path, extra)
+    assert [(s.signature, s.relpath, s.discovered) for s in result.specs] == [
+        ("declared", "a.pb", False),
+        ("team/b", "team/b.pbtxt", True),
+    ]
+    assert not result.rejections
+
+
+def test_sidecar_declares_only_its_own_graph(tmp_path: Path) -> None:
+    frozen = tmp_path / "frozen"
+    frozen.mkdir(parents=True)
+    (frozen / "m.pb").write_bytes(b"\x01")
+    (frozen / "m.toml").write_text(
+        '[[models]]\nsignature = "one"\ninputs = { x = "x:0" }\noutputs = { y = "y:0" }\n'
+        '[[models]]\nsignature = "two"\nfrozen = "m.pb"\ninputs = { x = "x:0" }\noutputs = { z = "z:0" }\n'
+    )
+    (frozen / "orphan.toml").write_text('[[models]]\nsignature = "later"\n')
+    result = resolved(tmp_path, discover=False)
+    assert [(s.signature, s.relpath, s.origin) for s in result.specs] == [
+        ("one", "m.pb", "sidecar m.toml models[0]"),
+        ("two", "m.pb", "sidecar m.toml models[1]"),
+    ]
+    (frozen / "m.toml").write_text(
+        '[[models]]\nsignature = "x"\nfrozen = "other.pb"\ninputs = { x = "x:0" }\noutputs = { y = "y:0" }\n'
+    )
+    result = resolved(tmp_path, discover=False)
+    assert [r.code for r in result.rejections] == ["bad_sidecar"]
+    assert "declares only its own graph" in result.rejections[0].reason
+
+
+def test_paths_that_leave_frozen_dir_are_refused(tmp_path: Path) -> None:
+    frozen = tmp_path / "frozen"
+    frozen.mkdir(parents=True)
+    (tmp_path / "secret.pb").write_bytes(b"\x01")
+    (frozen / "link.pb").symlink_to(tmp_path / "secret.pb")
+    (frozen / "loop.pb").symlink_to(frozen / "loop.pb")
+    assert specs.check_path(frozen, "../secret.pb").code == "path_escapes"  # type: ignore[union-attr]
+    assert specs.check_path(frozen, "link.pb").code == "path_escapes"  # type: ignore[union-attr]
+    assert specs.check_path(frozen, "loop.pb").code == "unreadable"  # type: ignore[union-attr]
+    assert specs.check_path(frozen, "gone.pb").code == "missing_file"  # type: ignore[union-attr]
+
+
+@given(st.text(min_size=1, max_size=40))
+def test_scope_names_are_valid_node_names(signature: str) -> None:
+    scope = scope_for(signature)
+    assert _VALID_NODE_NAME.match(scope), scope
+
+
+@given(st.text(min_size=1, max_size=20), st.text(min_size=1, max_size=20))
+def test_different_signatures_never_share_a_scope(first: str, second: str) -> None:
+    if first != second:
+        assert scope_for(first) != scope_for(second)
+
+
+def test_readable_signatures_keep_their_name() -> None:
+    assert scope_for("hyaudio_1") == "hyaudio_1"
+    assert scope_for("my model (v2)").startswith("my_model__v2__")
+
+
+def test_only_integer_named_directories_are_versions(tmp_path: Path) -> None:
+    for name in ("1", "0002", "10", ".staging-x", "current_version", "3a", "-4"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "7").write_text("a file, not a version")
+    assert publish.versions(tmp_path) == {
+        1: tmp_path / "1",
+        2: tmp_path / "0002",
+        10: tmp_path / "10",
+    }
+    assert publish.next_version(tmp_path) == 11
+    assert publish.next_version(tmp_path, high_water=40) == 41
+
+
+def test_stale_staging_is_removed_and_nothing_else(tmp_path: Path) -> None:
+    (tmp_path / ".staging-abc" / "variables").mkdir(parents=True)
+    (tmp_path / "1").mkdir()
+    (tmp_path / "notes").mkdir()
+    assert publish.remove_stale_staging(tmp_path) == [".staging-abc"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "notes"]
+
+
+def test_prune_keeps_at_least_two(tmp_path: Path) -> None:
+    for number in (1, 2, 3, 4):
+        (tmp_path / str(number)).mkdir()
+    assert publish.prune(tmp_path, keep=1) == [1, 2]
+    assert sorted(publish.versions(tmp_path)) == [3, 4]
+    assert publish.prune(tmp_path, keep=1, protect=[3]) == []
+
+
+def test_publish_refuses_to_overwrite_and_history_is_newest_first(tmp_path: Path) -> None:
+    staging = tmp_path / ".staging-1"
+    (staging / "variables").mkdir(parents=True)
+    (staging / "saved_model.pb").write_bytes(b"x")
+    assert publish.publish(staging, tmp_path, 1) == tmp_path / "1"
+    assert oct((tmp_path / "1").stat().st_mode & 0o777) == oct(0o755)
+    other = tmp_path / ".staging-2"
+    other.mkdir()
+    with pytest.raises(publish.PublishError):
+        publish.publish(other, tmp_path, 1)
+    publish.write_history(tmp_path, publish.HistoryLine(1, ["a", "b"], "added a, b"), ["b", "a"])
+    publish.write_history(tmp_path, publish.HistoryLine(2, [], 'said "hi"\nbye'), ["a"])
+    assert (tmp_path / "current_version").read_text() == (
+        "2\t\t\"said 'hi' bye\"\n" + '1\ta,b\t"added a, b"\n'
+    )
+    assert (tmp_path / "exported_models").read_text() == "a\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -12,6 +12,7 @@ in memory). This module does not import TensorFlow.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import multiprocessing
 import os
@@ -37,6 +38,7 @@ TRANSIENT_ERRNOS = frozenset(
     {errno.ENOSPC, errno.EIO, errno.EBUSY, errno.EAGAIN, errno.EDQUOT, errno.ENOMEM, errno.EINTR}
 )
 _TERMINATE_GRACE_SECONDS = 5.0
+_PR_SET_PDEATHSIG = 1
 
 
 class WorkerError(Exception):
@@ -62,11 +64,12 @@ class _Request:
     raw_fingerprint: str | None
 
 
-def _child_main(conn: Connection, log_format: str, log_level: str) -> None:
+def _child_main(conn: Connection, log_format: str, log_level: str, supervisor: int) -> None:
     """Entry point of the worker process."""
     # The supervisor handles SIGINT for the whole process group; a terminal's Ctrl-C must not
     # kill a build half-way before the supervisor decides what to do with it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(supervisor)
     logs.configure(fmt=log_format, level=log_level)  # type: ignore[arg-type]
     from tfmerge.build import run_build
 
@@ -94,6 +97,21 @@ def _child_main(conn: Connection, log_format: str, log_level: str) -> None:
     conn.close()
 
 
+def _die_with_parent(supervisor: int) -> None:
+    """Ask the kernel to SIGKILL this process when the supervisor dies, however it dies.
+
+    A worker outliving a killed supervisor would go on writing into a staging folder that the
+    restarted supervisor is removing.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != supervisor:  # the supervisor died before the request took effect
+        os._exit(1)
+
+
 class Worker:
     """One child process; used for exactly one build."""
 
@@ -103,7 +121,7 @@ class Worker:
         self._conn = parent
         self._process: BaseProcess = context.Process(
             target=_child_main,
-            args=(child, config.log.format, config.log.level),
+            args=(child, config.log.format, config.log.level, os.getpid()),
             name="tfmerge-worker",
             daemon=True,
         )

@@ -1,0 +1,211 @@
+"""End to end: the real daemon in a subprocess, uploads the way scp, rsync and sftp make them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from daemonlib import DaemonProcess, wait_until
+from tfmerge import exitcodes
+
+import graphgen
+from graphgen import FrozenModel
+from projectlib import Project, model_entry
+from servinglib import assert_same_outputs, highest, manifest, run_signatures, versions
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, FrozenModel]:
+    root = tmp_path_factory.mktemp("daemon-models")
+    return {
+        f"m{i}": graphgen.write_dense(root / f"m{i}.pb", seed=20 + i, in_dim=6, hidden=64)
+        for i in range(6)
+    }
+
+
+def start(project: Project, **env: str) -> DaemonProcess:
+    daemon = DaemonProcess(project.config, env=env)
+    daemon.wait_ready()
+    return daemon
+
+
+def scp_like(source: Path, target: Path, chunks: int = 8) -> None:
+    """Write in place, in several writes, then close: what scp does."""
+    data = source.read_bytes()
+    step = max(1, len(data) // chunks)
+    with target.open("wb") as handle:
+        for offset in range(0, len(data), step):
+            handle.write(data[offset : offset + step])
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def assert_serves(version: Path, served: dict[str, FrozenModel]) -> None:
+    feeds = {sig: {"x": np.asarray(m.sample["x"], dtype=np.float32)} for sig, m in served.items()}
+    published = run_signatures(version, feeds)
+    for sig, model in served.items():
+        # Discovery serves only the sinks (`classes`), a declaration may serve more.
+        outputs = {k: v for k, v in model.outputs.items() if k in published[sig]}
+        assert outputs
+        expected = graphgen.run_frozen(model.path, {model.inputs["x"]: feeds[sig]["x"]}, outputs)
+        assert_same_outputs(published[sig], expected)
+
+
+def test_uploads_like_scp_rsync_and_sftp_each_publish_one_version(
+    tmp_path: Path, models: dict[str, FrozenModel]
+) -> None:
+    project = Project(tmp_path)
+    project.configure(discover=True)
+    project.add(models["m0"], "m0.pb")
+    with start(project) as daemon:
+        assert sorted(versions(project.serving)) == [1]
+
+        # scp: several files, each written in place in chunks.
+        mark = daemon.mark()
+        for name in ("m1", "m2"):
+            scp_like(models[name].path, project.frozen / f"{name}.pb")
+        daemon.wait_for("build_finished", since=mark, where=lambda e: e["outcome"] == "published")
+        assert sorted(versions(project.serving)) == [1, 2]
+        assert len(daemon.named("build_started", mark)) == 1
+        assert_serves(highest(project.serving), {n: models[n] for n in ("m0", "m1", "m2")})
+
+        # rsync: a dotted temporary name, renamed into place at the end.
+        mark = daemon.mark()
+        temporary = project.frozen / ".m3.pb.Xy12Ab"
+        scp_like(models["m3"].path, temporary)
+        temporary.rename(project.frozen / "m3.pb")
+        daemon.wait_for("build_finished", since=mark, where=lambda e: e["outcome"] == "published")
+        assert sorted(versions(project.serving)) == [1, 2, 3]
+        assert len(daemon.named("build_started", mark)) == 1
+
+        # sftp: write elsewhere in the folder, hard-link to the final name, delete the temporary.
+        mark = daemon.mark()
+        temporary = project.frozen / "m4.pb.filepart"
+        scp_like(models["m4"].path, temporary)
+        os.link(temporary, project.frozen / "m4.pb")
+        temporary.unlink()
+        finished = daemon.wait_for(
+            "build_finished", since=mark, where=lambda e: e["outcome"] == "published"
+        )
+        assert finished["added"] == ["m4"]
+        assert sorted(versions(project.serving)) == [1, 2, 3, 4]
+        assert len(daemon.named("build_started", mark)) == 1
+        assert_serves(highest(project.serving), {f"m{i}": models[f"m{i}"] for i in range(5)})
+        assert daemon.stop() == exitcodes.OK
+    assert not [p for p in project.serving.iterdir() if p.name.startswith(".staging")]
+
+
+def test_an_upload_cut_off_half_way_is_refused_until_completed(
+    tmp_path: Path, models: dict[str, FrozenModel]
+) -> None:
+    project = Project(tmp_path)
+    project.add(models["m0"], "m0.pb")
+    project.configure([model_entry("m0", "m0.pb", models["m0"])])
+    with start(project) as daemon:
+        mark = daemon.mark()
+        data = models["m1"].path.read_bytes()
+        (project.frozen / "m0.pb").write_bytes(data[: len(data) // 2])
+        rejected = daemon.wait_for("model_rejected", since=mark)
+        assert rejected["file"] == "m0.pb"
+        assert rejected["code"] in ("unparseable", "invalid_graph")
+        daemon.wait_for("model_kept", since=mark, where=lambda e: e["signature"] == "m0")
+        daemon.wait_for("build_finished", since=mark)
+        assert sorted(versions(project.serving)) == [1]
+        assert_serves(highest(project.serving), {"m0": models["m0"]})
+
+        mark = daemon.mark()
+        scp_like(models["m1"].path, project.frozen / "m0.pb")
+        finished = daemon.wait_for(
+            "build_finished", since=mark, where=lambda e: e["outcome"] == "published"
+        )
+        assert finished["updated"] == ["m0"]
+        assert_serves(highest(project.serving), {"m0": models["m1"]})
+
+
+def test_sighup_reloads_and_a_bad_config_keeps_the_old_one(
+    tmp_path: Path, models: dict[str, FrozenModel]
+) -> None:
+    project = Project(tmp_path)
+    project.add(models["m0"], "m0.pb")
+    project.add(models["m1"], "m1.pb")
+    project.configure([model_entry("m0", "m0.pb", models["m0"])])
+    with start(project) as daemon:
+        assert set(manifest(highest(project.serving))["signatures"]) == {"m0"}
+        good = project.config.read_text()
+        mark = daemon.mark()
+        project.config.write_text(good + "\nthis is not toml\n")
+        daemon.process.send_signal(signal.SIGHUP)
+        failed = daemon.wait_for("config_reload_failed", since=mark)
+        assert failed["path"] == str(project.config)
+
+        mark = daemon.mark()
+        project.configure(
+            [model_entry("m0", "m0.pb", models["m0"]), model_entry("m1", "m1.pb", models["m1"])]
+        )
+        daemon.process.send_signal(signal.SIGHUP)
+        daemon.wait_for("config_reloaded", since=mark)
+        finished = daemon.wait_for(
+            "build_finished", since=mark, where=lambda e: e["outcome"] == "published"
+        )
+        assert finished["added"] == ["m1"]
+        assert daemon.stop() == exitcodes.OK
+
+
+def test_second_instance_refuses_and_notify_protocol(
+    tmp_path: Path, models: dict[str, FrozenModel]
+) -> None:
+    project = Project(tmp_path)
+    project.add(models["m0"], "m0.pb")
+    project.configure(discover=True)
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    address = str(tmp_path / "notify.sock")
+    receiver.bind(address)
+    receiver.settimeout(120)
+    try:
+        daemon = DaemonProcess(
+            project.config, env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "2000000"}
+        )
+        with daemon:
+            messages = []
+            while not any("READY=1" in m for m in messages):
+                messages.append(receiver.recv(4096).decode())
+            assert any(m.startswith("STATUS=building") for m in messages)
+            ready = next(m for m in messages if "READY=1" in m)
+            assert "STATUS=idle: serving version 1" in ready
+            while "WATCHDOG=1" not in messages[-1]:
+                messages.append(receiver.recv(4096).decode())
+
+            second = DaemonProcess(project.config)
+            with second:
+                assert second.process.wait(timeout=60) == exitcodes.LOCKED
+                refused = second.wait_for("another_instance")
+                assert refused["holder_pid"] == daemon.process.pid
+            assert daemon.stop() == exitcodes.OK
+            while "STOPPING=1" not in messages[-1]:
+                messages.append(receiver.recv(4096).decode())
+    finally:
+        receiver.close()
+
+
+def test_sigterm_during_a_build_leaves_no_staging(
+    tmp_path: Path, models: dict[str, FrozenModel]
+) -> None:
+    project = Project(tmp_path)
+    project.add(models["m0"], "m0.pb")
+    project.configure(discover=True)
+    with start(project) as daemon:
+        mark = daemon.mark()
+        project.add(models["m1"], "m1.pb")
+        daemon.wait_for("build_started", since=mark)
+        wait_until(lambda: bool(daemon.worker_pids()), timeout=30)
+        assert daemon.stop() == exitcodes.OK
+        assert daemon.named("build_aborted", mark) or daemon.named("build_finished", mark)
+    assert not [p for p in project.serving.iterdir() if p.name.startswith(".staging")]
+    assert sorted(versions(project.serving)) in ([1], [1, 2])

@@ -2,10 +2,10 @@
 
 systemd-analyze verifies the unit inside a tmp root that holds the paths the unit
 names, and rates its exposure. systemd-sysusers and systemd-tmpfiles build the
-install layout inside a tmp root. Last, a TensorFlow merge runs in a spawned worker
-under the unit's own seccomp filters, read-only file system and /proc subset, set up
-with libseccomp and a mount namespace the way systemd 252 sets them up (no running
-systemd is needed, so the check runs here and in CI).
+install layout inside a tmp root. Last, the real daemon (`tfmerge run`) publishes a
+merge under the unit's own seccomp filters, read-only file system, /proc subset and
+environment, set up with libseccomp and a mount namespace the way systemd 252 sets
+them up: no running systemd is needed, so the check runs here and in CI.
 """
 
 from __future__ import annotations
@@ -18,18 +18,20 @@ import mmap
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tfmerge import exitcodes
+from tfmerge import exitcodes, publish
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD_DIR = REPO / "systemd"
@@ -403,68 +405,52 @@ def _install_unit_filters(spec: dict[str, Any]) -> None:
         allow.load()
 
 
+def _answer(attempt: Callable[[], object]) -> str:
+    """ "allowed", or the name of the errno the sandbox answered with."""
+    try:
+        attempt()
+    except OSError as error:
+        return errno.errorcode.get(error.errno or 0, str(error))
+    return "allowed"
+
+
+def _make_and_remove(directory: Path) -> None:
+    directory.mkdir()
+    directory.rmdir()
+
+
 def _probe_sandbox() -> dict[str, str]:
     """What the sandbox refuses, tried for real: proof the emulation is in force."""
-    outcome: dict[str, str] = {}
-    try:
-        mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC).close()
-        outcome["wx_mmap"] = "allowed"
-    except OSError as error:
-        outcome["wx_mmap"] = errno.errorcode.get(error.errno or 0, str(error))
-    try:
-        socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
-        outcome["inet_socket"] = "allowed"
-    except OSError as error:
-        outcome["inet_socket"] = errno.errorcode.get(error.errno or 0, str(error))
-    try:
-        os.sched_setaffinity(0, os.sched_getaffinity(0))
-        outcome["sched_setaffinity"] = "allowed"
-    except OSError as error:
-        outcome["sched_setaffinity"] = errno.errorcode.get(error.errno or 0, str(error))
-    probe_dir = Path(sys.prefix) / ".tfmerge-read-only-probe"
-    try:
-        probe_dir.mkdir()
-        probe_dir.rmdir()
-        outcome["write_venv"] = "allowed"
-    except OSError as error:
-        outcome["write_venv"] = errno.errorcode.get(error.errno or 0, str(error))
-    outcome["proc_cpuinfo"] = "visible" if Path("/proc/cpuinfo").exists() else "hidden"
-    return outcome
+    wx = mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC
+    return {
+        "wx_mmap": _answer(lambda: mmap.mmap(-1, mmap.PAGESIZE, prot=wx).close()),
+        "inet_socket": _answer(lambda: socket.socket(socket.AF_INET).close()),
+        "sched_setaffinity": _answer(lambda: os.sched_setaffinity(0, os.sched_getaffinity(0))),
+        "write_venv": _answer(lambda: _make_and_remove(Path(sys.prefix) / ".tfmerge-ro-probe")),
+        "proc_cpuinfo": "visible" if Path("/proc/cpuinfo").exists() else "hidden",
+    }
 
 
-def _sandboxed_main(spec_path: str) -> None:
-    """Entry point of the sandboxed interpreter: filters, probes, then a spawned worker."""
-    import multiprocessing
+def _exec_sandboxed(spec_path: str, argv: list[str]) -> None:
+    """Load the unit's filters into this process, record the probes, then exec the daemon.
 
+    seccomp filters survive execve(2) and are inherited by every child, so the daemon
+    and its TensorFlow worker run under them as they would under systemd.
+    """
     spec = json.loads(Path(spec_path).read_text())
     _install_unit_filters(spec)
-    report: dict[str, Any] = {"probes": _probe_sandbox()}
-    worker = multiprocessing.get_context("spawn").Process(
-        target=_merge_in_worker, args=(spec["out_dir"], spec["hyaudio"])
-    )
-    worker.start()
-    worker.join(timeout=240)
-    if worker.is_alive():
-        worker.kill()
-        worker.join()
-        report["worker_hung"] = True
-    report["worker_exitcode"] = worker.exitcode
-    results = Path(spec["out_dir"]) / "results.json"
-    report["signatures"] = json.loads(results.read_text()) if results.exists() else None
-    # The report travels to the test on stdout, as its last line.
-    sys.stdout.write(json.dumps(report) + "\n")
-    sys.stdout.flush()
+    Path(spec["probes_path"]).write_text(json.dumps(_probe_sandbox()))
+    os.execv(argv[0], argv)  # noqa: S606 - argv is the test's own interpreter and arguments
 
 
-def _merge_in_worker(out_dir: str, hyaudio: str | None) -> None:
-    """Worker side: freeze a conv net, merge it (and hyaudio) into one SavedModel, check it."""
+def _write_conv_net(path: str) -> None:
+    """A frozen conv net: Conv2D is the op whose oneDNN kernel needs W+X memory."""
     import numpy as np
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import (
         convert_variables_to_constants_v2,
     )
 
-    out = Path(out_dir)
     rng = np.random.default_rng(7)
     kernel = tf.Variable(rng.standard_normal((3, 3, 3, 8)).astype(np.float32))
     dense = tf.Variable(rng.standard_normal((8 * 8 * 8, 5)).astype(np.float32))
@@ -476,44 +462,7 @@ def _merge_in_worker(out_dir: str, hyaudio: str | None) -> None:
         return tf.nn.softmax(tf.reshape(pooled, [-1, 8 * 8 * 8]) @ dense)
 
     frozen = convert_variables_to_constants_v2(classify.get_concrete_function())
-    (out / "conv.pb").write_bytes(frozen.graph.as_graph_def().SerializeToString())
-    models = {
-        "conv": (out / "conv.pb", frozen.inputs[0].name, frozen.outputs[0].name, (4, 16, 16, 3))
-    }
-    if hyaudio:
-        models["hyaudio"] = (
-            Path(hyaudio),
-            "hyaudio/vggish_input:0",
-            "hyaudio/predict_probs:0",
-            (3, 640),
-        )
-
-    batches = {name: rng.random(shape, dtype=np.float32) for name, (*_, shape) in models.items()}
-    expected, signatures, graph = {}, {}, tf.Graph()
-    with graph.as_default():
-        for name, (path, input_name, output_name, _) in models.items():
-            graph_def = tf.compat.v1.GraphDef.FromString(path.read_bytes())
-            with tf.Graph().as_default() as alone, tf.compat.v1.Session(graph=alone) as session:
-                tf.compat.v1.import_graph_def(graph_def, name="")
-                expected[name] = session.run(output_name, {input_name: batches[name]})
-            inp, outp = tf.compat.v1.import_graph_def(
-                graph_def, name=name, return_elements=[input_name, output_name]
-            )
-            signatures[name] = tf.compat.v1.saved_model.signature_def_utils.predict_signature_def(
-                {"inputs": inp}, {"outputs": outp}
-            )
-        with tf.compat.v1.Session(graph=graph) as session:
-            builder = tf.compat.v1.saved_model.Builder(str(out / "serving" / "1"))
-            builder.add_meta_graph_and_variables(session, ["serve"], signature_def_map=signatures)
-            builder.save()
-
-    loaded = tf.saved_model.load(str(out / "serving" / "1"))
-    checked = []
-    for name, batch in batches.items():
-        got = loaded.signatures[name](inputs=tf.constant(batch))["outputs"].numpy()
-        np.testing.assert_allclose(got, expected[name], rtol=1e-5, atol=1e-6)
-        checked.append(name)
-    (out / "results.json").write_text(json.dumps(sorted(checked)))
+    Path(path).write_bytes(frozen.graph.as_graph_def().SerializeToString())
 
 
 @cache
@@ -557,7 +506,7 @@ def _allowed_calls() -> list[str] | None:
     return sorted(allowed)
 
 
-def _sandbox_spec(out_dir: Path) -> dict[str, Any]:
+def _sandbox_spec(probes_path: Path) -> dict[str, Any]:
     families = [
         int(getattr(socket, name)) for name in single("Service", "RestrictAddressFamilies").split()
     ]
@@ -567,11 +516,12 @@ def _sandbox_spec(out_dir: Path) -> dict[str, Any]:
         "deny_write_execute": single("Service", "MemoryDenyWriteExecute") == "yes",
         "allowed_calls": _allowed_calls(),
         "error_number": getattr(errno, error_name[0]) if error_name else None,
-        "out_dir": str(out_dir),
-        "hyaudio": str(HYAUDIO) if HYAUDIO.is_file() else None,
+        "probes_path": str(probes_path),
     }
 
 
+# ProtectSystem=strict with ReadWritePaths=: every mount read-only but the writable folder.
+# ProcSubset=pid with ProtectProc=invisible: a /proc of its own. Then no capabilities.
 _MOUNTS_SCRIPT = r"""
 read_write="$1"; shift
 if [ "$PROC_SUBSET" = pid ]; then
@@ -588,16 +538,47 @@ exec setpriv --no-new-privs --bounding-set=-all --inh-caps=-all "$@"
 """
 
 
+def _python_path() -> dict[str, str]:
+    """This module (run in child interpreters) and the package, installed or not."""
+    return {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO / "daemon")])}
+
+
 def _sandbox_environment(state_dir: Path, tmp_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TF_", "PYTHON"))}
     for assignment in " ".join(values("Service", "Environment")).split():
         key, _, value = assignment.partition("=")
         env[key] = value
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO / "daemon")])
+    env.update(_python_path())
     env["HOME"] = str(state_dir)  # the service user's home is its StateDirectory=
     env["TMPDIR"] = str(tmp_dir)  # PrivateTmp=: scratch space of its own
     env["PROC_SUBSET"] = single("Service", "ProcSubset")
     return env
+
+
+def _receive(
+    receiver: socket.socket,
+    messages: list[str],
+    wanted: str,
+    process: subprocess.Popen[bytes],
+    timeout: float,
+) -> None:
+    """Collect sd_notify datagrams until one carries the line wanted; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    receiver.settimeout(0.5)
+    while not any(wanted in message.splitlines() for message in messages):
+        try:
+            messages.append(receiver.recv(4096).decode())
+        except TimeoutError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                pytest.fail(f"no {wanted} from the daemon (exit {process.poll()}); {messages[-5:]}")
+
+
+def _wait_for_version(process: subprocess.Popen[bytes], version: Path, log: Path) -> None:
+    deadline = time.monotonic() + 240
+    while not version.is_dir():
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"no {version.name} published:\n{log.read_text()[-4000:]}")
+        time.sleep(0.1)
 
 
 @pytest.mark.slow
@@ -612,37 +593,66 @@ def _sandbox_environment(state_dir: Path, tmp_dir: Path) -> dict[str, str]:
     reason="libseccomp (Debian package libseccomp2) is needed to load the unit's filters",
 )
 @pytest.mark.timeout(400)
-def test_tensorflow_merge_runs_inside_the_unit_sandbox(tmp_path: Path) -> None:
-    writable = tmp_path / "writable"
-    out_dir, state_dir, tmp_dir = writable / "out", writable / "state", writable / "tmp"
-    for directory in (out_dir, state_dir, tmp_dir):
+def test_the_daemon_runs_inside_the_unit_sandbox(tmp_path: Path) -> None:
+    """`tfmerge run` publishes a merged conv net (and hyaudio) under the unit's restrictions."""
+    conv = tmp_path / "conv.pb"
+    freeze = "import sys, test_systemd_unit as t; t._write_conv_net(sys.argv[1])"
+    made = run([sys.executable, "-c", freeze, str(conv)], env={**os.environ, **_python_path()})
+    assert made.returncode == 0, made.stderr[-4000:]
+
+    writable = tmp_path / "writable"  # the unit's ReadWritePaths= and StateDirectory=
+    frozen, serving, state, scratch = (writable / n for n in ("frozen", "serving", "state", "tmp"))
+    for directory in (frozen, serving, state, scratch):
         directory.mkdir(parents=True)
-    spec_path = writable / "spec.json"
-    spec_path.write_text(json.dumps(_sandbox_spec(out_dir)))
-    interpreter = [
-        sys.executable,
-        "-c",
-        "import sys, test_systemd_unit; test_systemd_unit._sandboxed_main(sys.argv[1])",
-        str(spec_path),
-    ]
-    namespace = ["unshare", "--mount", "--propagation", "private", "--"]
-    mounts = ["sh", "-euc", _MOUNTS_SCRIPT, "sh", str(writable)]
-    result = subprocess.run(
-        [*namespace, *mounts, *interpreter],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=360,
-        env=_sandbox_environment(state_dir, tmp_dir),
+    config = tmp_path / "tfmerge.toml"  # outside: read-only to the daemon, like /etc
+    config.write_text(
+        f"frozen_dir = {str(frozen)!r}\nserving_dir = {str(serving)!r}\n"
+        f"state_dir = {str(state)!r}\ndiscover = true\n"
+        '[watch]\nquiet_seconds = 0.3\nmax_wait_seconds = 10.0\n[log]\nformat = "json"\n'
     )
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["probes"] == {
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(_sandbox_spec(scratch / "probes.json")))
+
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    address = f"tfmerge-sandbox-test-{os.getpid()}"
+    receiver.bind("\0" + address)
+    env = {**_sandbox_environment(state, scratch), "NOTIFY_SOCKET": "@" + address}
+    env["WATCHDOG_USEC"] = "2000000"
+    launch = "import sys, test_systemd_unit as t; t._exec_sandboxed(sys.argv[1], sys.argv[2:])"
+    daemon = [sys.executable, "-m", "tfmerge", "run", "-c", str(config)]
+    command = [
+        *("unshare", "--mount", "--propagation", "private", "--"),
+        *("sh", "-euc", _MOUNTS_SCRIPT, "sh", str(writable)),
+        *(sys.executable, "-c", launch, str(spec), *daemon),
+    ]
+    log = tmp_path / "daemon.log"
+    messages: list[str] = []
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
+    try:
+        _receive(receiver, messages, "READY=1", process, 120)
+        shutil.copyfile(conv, frozen / "conv.pb")
+        if HYAUDIO.is_file():
+            shutil.copyfile(HYAUDIO, frozen / "hyaudio.pb")
+        _wait_for_version(process, serving / "1", log)
+        _receive(receiver, messages, "WATCHDOG=1", process, 30)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=90) == exitcodes.OK, log.read_text()[-4000:]
+        _receive(receiver, messages, "STOPPING=1", process, 5)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        receiver.close()
+
+    assert json.loads((scratch / "probes.json").read_text()) == {
         "wx_mmap": "EPERM",  # MemoryDenyWriteExecute=yes
         "inet_socket": "EAFNOSUPPORT",  # RestrictAddressFamilies=AF_UNIX
         "sched_setaffinity": "EPERM",  # ~@resources with SystemCallErrorNumber=EPERM
         "write_venv": "EROFS",  # ProtectSystem=strict
         "proc_cpuinfo": "hidden",  # ProcSubset=pid
     }
-    assert report["worker_exitcode"] == 0, result.stderr[-4000:]
-    assert report["signatures"] == (["conv", "hyaudio"] if HYAUDIO.is_file() else ["conv"])
+    signatures = publish.read_manifest(serving / "1").get("signatures", {})
+    assert sorted(signatures) == (["conv", "hyaudio"] if HYAUDIO.is_file() else ["conv"])
+    events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    assert [e["event"] for e in events if e.get("level") == "error"] == []

@@ -10,7 +10,7 @@ import json
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from tfmerge.config import Config
 from tfmerge.graphs import ModelRejected, TensorSig
 from tfmerge.logs import get_logger
 from tfmerge.publish import MANIFEST
+from tfmerge.results import BuildResult
 from tfmerge.specs import ModelSpec, Rejection, Resolution, fingerprint, spec_key
 from tfmerge.store import AcceptedModel, Store
 
@@ -31,23 +32,6 @@ import tensorflow as tf
 
 # The SavedModel loader's deprecation notice would be printed on every build.
 tf.get_logger().setLevel("ERROR")
-
-
-@dataclass(frozen=True)
-class BuildResult:
-    """What a build did, in plain data: it crosses the worker's process boundary."""
-
-    build_id: str
-    #: "built": staging holds a verified version; "unchanged": equal to the newest version;
-    #: "empty": no model was accepted; "failed": verification failed.
-    outcome: str
-    staging: str | None
-    fingerprint: str | None
-    models: tuple[AcceptedModel, ...] = ()
-    rejections: tuple[Rejection, ...] = ()
-    mismatches: tuple[tuple[str, str], ...] = ()
-    timings: Mapping[str, float] = field(default_factory=dict)
-    stats: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from tfmerge.logs import get_logger
 from tfmerge.store import AcceptedModel, Store
 
 if TYPE_CHECKING:  # importing tfmerge.build at run time would import TensorFlow
-    from tfmerge.build import BuildResult
+    from tfmerge.results import BuildResult
 
 
 class BuildRunner(Protocol):

@@ -31,7 +31,7 @@ from tfmerge.specs import Resolution
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
 
-    from tfmerge.build import BuildResult
+    from tfmerge.results import BuildResult
 
 #: errno values worth a retry: the file system is busy, full or failing, not the input bad.
 TRANSIENT_ERRNOS = frozenset(

@@ -207,3 +207,32 @@ def test_discovery_off_publishes_only_declared_models(
     project.configure([model_entry("declared", "declared.pb", models["dense"])], discover=False)
     assert project.cli(capsys, "build")[0] == exitcodes.OK
     assert set(manifest(highest(project.serving))["signatures"]) == {"declared"}
+
+
+def test_large_constants_move_into_variables(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    project = Project(tmp_path)
+    big = [
+        graphgen.write_big_dense(tmp_path / f"big{i}.pb", target_bytes=6_000_000, seed=i)
+        for i in range(2)
+    ]
+    entries = []
+    for index, model in enumerate(big):
+        project.add(model, f"big{index}.pb")
+        entries.append(model_entry(f"big{index}", f"big{index}.pb", model, sample=model.sample))
+    project.configure(entries)
+
+    code, events = project.cli(capsys, "build")
+
+    assert code == exitcodes.OK, events
+    version = highest(project.serving)
+    stats = manifest(version)["stats"]
+    assert stats["variables"] >= 2
+    assert stats["variable_bytes"] > 0.9 * sum(m.path.stat().st_size for m in big)
+    assert (version / "variables" / "variables.index").exists()
+    assert (version / "saved_model.pb").stat().st_size < 100_000
+    feeds = {f"big{i}": sample_feeds(m) for i, m in enumerate(big)}
+    published = run_signatures(version, feeds)
+    for index, model in enumerate(big):
+        assert_same_outputs(published[f"big{index}"], source_outputs(model, feeds[f"big{index}"]))

@@ -37,7 +37,9 @@ tf.get_logger().setLevel("ERROR")
 @dataclass
 class _Checked:
     model: AcceptedModel
-    graph_def: Any
+    #: The exact bytes that were checked, kept in the state folder; the merge parses them again
+    #: rather than holding every parsed graph in memory between the check and the merge.
+    source: Path
     init_nodes: list[str]
     inputs: dict[str, TensorSig]
     outputs: dict[str, TensorSig]
@@ -61,10 +63,12 @@ def _check_model(
     sha256, data, graph_def = graphs.read_graph_def(path, spec.relpath, config.max_model_bytes)
     size = len(data)
     graphs.check_ops(graph_def, config.allow_ops)
-    graph = graphs.import_graph(graph_def)
+    light, constants = graphs.split_large_constants(graph_def)
+    graph = graphs.import_graph(light)
+    del light
     inputs, outputs = spec.inputs, spec.outputs
     if inputs is None or outputs is None:
-        inputs, outputs = graphs.infer_signature(graph)
+        inputs, outputs = graphs.infer_signature(graph, constants)
         log.info(
             "model_inferred",
             signature=spec.signature,
@@ -82,11 +86,16 @@ def _check_model(
             log.debug("input_not_placeholder", signature=spec.signature, input=key, tensor=sig.name)
     feeds = graphs.probe_inputs(spec.signature, input_sigs, spec.sample)
     init_nodes = graphs.initializer_nodes(graph_def)
+    constant_feeds = {
+        f"{node.name}:0": graphs.constant_array(node)
+        for node in graph_def.node
+        if node.name in set(constants)
+    }
     try:
         expected = graphs.run_graph(
             graph,
             init_nodes,
-            {input_sigs[k].name: v for k, v in feeds.items()},
+            {input_sigs[k].name: v for k, v in feeds.items()} | constant_feeds,
             {k: s.name for k, s in output_sigs.items()},
         )
     except Exception as exc:  # any kernel error on the probe input, whatever its type
@@ -95,6 +104,7 @@ def _check_model(
             f"the source graph fails on the probe input ({type(exc).__name__}: "
             f"{getattr(exc, 'message', exc)}); add a `sample` to its declaration",
         ) from exc
+    del constant_feeds, graph
     model = AcceptedModel(
         signature=spec.signature,
         relpath=spec.relpath,
@@ -110,9 +120,11 @@ def _check_model(
             "outputs": {k: s.as_dict() for k, s in output_sigs.items()},
         },
     )
+    source = path
     if store is not None and not kept:
         store.write_blob(sha256, model.suffix, data)
-    return _Checked(model, graph_def, init_nodes, input_sigs, output_sigs, feeds, expected)
+        source = store.blob_path(sha256, model.suffix)
+    return _Checked(model, source, init_nodes, input_sigs, output_sigs, feeds, expected)
 
 
 def _fallback(signature: str, store: Store, config: Config, log: Any) -> _Checked | None:
@@ -133,6 +145,10 @@ def _fallback(signature: str, store: Store, config: Config, log: Any) -> _Checke
         checked = _check_model(spec, blob, config, kept=True, log=log)
     except ModelRejected as exc:
         log.error("model_dropped", signature=signature, file=previous.relpath, reason=exc.reason)
+        return None
+    if checked.model.sha256 != previous.sha256:
+        reason = "the kept copy in the state folder is damaged"
+        log.error("model_dropped", signature=signature, file=previous.relpath, reason=reason)
         return None
     log.warning("model_kept", signature=signature, file=previous.relpath, sha256=previous.sha256)
     return checked
@@ -193,8 +209,6 @@ def run_build(
     expected = {c.model.signature: c.expected for c in checked}
     stats = merge.merge(units, staging)
     del units
-    for item in checked:
-        item.graph_def = None
     timings["merge"] = round(time.monotonic() - merge_started, 4)
 
     verify_started = time.monotonic()
@@ -242,7 +256,8 @@ def _units(checked: Sequence[_Checked]) -> list[merge.GraphUnit]:
         if unit is None:
             units[item.model.sha256] = merge.GraphUnit(
                 sha256=item.model.sha256,
-                graph_def=item.graph_def,
+                source=item.source,
+                relpath=item.model.relpath,
                 scope=merge.scope_for(item.model.signature),
                 init_nodes=item.init_nodes,
                 signatures=[spec],

@@ -146,6 +146,58 @@ def initializer_nodes(graph_def: Any) -> list[str]:
     return [node.name for node in graph_def.node if node.op in INITIALIZER_OPS]
 
 
+#: A numeric Const at least this large is kept out of every tf.Graph the check builds (it is fed
+#: instead) and moved into the merged model's ``variables/``: TensorFlow copies in-graph
+#: constants several times on import and on session creation.
+LARGE_CONSTANT_BYTES = 1 << 20
+
+
+def is_large_constant(node: Any) -> bool:
+    if node.op != "Const":
+        return False
+    value = node.attr["value"].tensor
+    if len(value.tensor_content) < LARGE_CONSTANT_BYTES:
+        return False
+    import tensorflow as tf
+
+    dtype = tf.dtypes.as_dtype(value.dtype)
+    return dtype != tf.string and not dtype.is_quantized
+
+
+def constant_array(node: Any) -> np.ndarray:
+    """The value of a large Const as an array (one copy of its bytes)."""
+    import tensorflow as tf
+
+    value = node.attr["value"].tensor
+    dtype = tf.dtypes.as_dtype(value.dtype)
+    shape = [d.size for d in value.tensor_shape.dim]
+    array: np.ndarray = np.frombuffer(value.tensor_content, dtype=dtype.as_numpy_dtype)
+    return array.reshape(shape)
+
+
+def split_large_constants(graph_def: Any) -> tuple[Any, list[str]]:
+    """The graph with every large Const replaced by a Placeholder of the same name and type.
+
+    Running it with each such placeholder fed the constant's bytes computes exactly what the
+    frozen graph computes, without TensorFlow copying those bytes into the graph.
+    """
+    light = type(graph_def)()
+    light.versions.CopyFrom(graph_def.versions)
+    light.library.CopyFrom(graph_def.library)
+    large = []
+    for node in graph_def.node:
+        if is_large_constant(node):
+            value = node.attr["value"].tensor
+            placeholder = light.node.add(name=node.name, op="Placeholder", device=node.device)
+            placeholder.input.extend(node.input)
+            placeholder.attr["dtype"].type = value.dtype
+            placeholder.attr["shape"].shape.CopyFrom(value.tensor_shape)
+            large.append(node.name)
+        else:
+            light.node.add().CopyFrom(node)
+    return light, large
+
+
 def import_graph(graph_def: Any) -> Any:
     """Import into a fresh tf.Graph; refuses unknown ops and dangling references."""
     import tensorflow as tf
@@ -183,9 +235,17 @@ def _short_keys(names: Sequence[str]) -> dict[str, str]:
     return keys
 
 
-def infer_signature(graph: Any) -> tuple[dict[str, str], dict[str, str]]:
-    """Inputs from the placeholders, outputs from the ops nothing consumes."""
-    placeholders = [op for op in graph.get_operations() if op.type == "Placeholder"]
+def infer_signature(
+    graph: Any, constants: Sequence[str] = ()
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Inputs from the placeholders, outputs from the ops nothing consumes.
+
+    ``constants`` names the placeholders that stand for large constants (never inputs).
+    """
+    stand_ins = set(constants)
+    placeholders = [
+        op for op in graph.get_operations() if op.type == "Placeholder" and op.name not in stand_ins
+    ]
     consumed: set[str] = set()
     for op in graph.get_operations():
         consumed.update(t.op.name for t in op.inputs)
@@ -263,6 +323,24 @@ def probe_inputs(
     return values
 
 
+def check_session_config() -> Any:
+    """Session options for every run a check makes, on the source and on the merged model alike.
+
+    Graph optimisations off (Grappler and the classic optimiser): they copy a graph's constants
+    several times, which for a large frozen graph costs more than the whole merge, and both
+    sides must run the very same kernels for their outputs to be comparable bit for bit.
+    """
+    import tensorflow as tf
+
+    config = tf.compat.v1.ConfigProto()
+    config.graph_options.rewrite_options.disable_meta_optimizer = True
+    config.graph_options.optimizer_options.opt_level = tf.compat.v1.OptimizerOptions.L0
+    config.graph_options.optimizer_options.do_constant_folding = False
+    config.graph_options.optimizer_options.do_common_subexpression_elimination = False
+    config.graph_options.optimizer_options.do_function_inlining = False
+    return config
+
+
 def run_graph(
     graph: Any,
     init_nodes: Sequence[str],
@@ -272,7 +350,7 @@ def run_graph(
     """Run a source graph the way the merged model runs it: initializers first, then one call."""
     import tensorflow as tf
 
-    with tf.compat.v1.Session(graph=graph) as session:
+    with tf.compat.v1.Session(graph=graph, config=check_session_config()) as session:
         if init_nodes:
             session.run([graph.get_operation_by_name(n) for n in init_nodes])
         result: dict[str, np.ndarray] = session.run(dict(fetches), feed_dict=dict(feeds))

@@ -20,13 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tfmerge.graphs import TensorSig
+from tfmerge.graphs import TensorSig, constant_array, is_large_constant, parse_graph_def
 
 #: Name of the NoOp that runs every graph's initializers when the SavedModel loads.
 MAIN_OP_NAME = "tfmerge_main_op"
 _MAIN_OP_COLLECTION = "saved_model_main_op"
 _PREDICT = "tensorflow/serving/predict"
 _INVALID_SCOPE_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
+#: Tensors written per checkpoint shard before they are merged into one bundle.
+_SHARD_BYTES = 64 << 20
+_SAVER_SCOPE = "tfmerge_save"
 
 
 def scope_for(signature: str) -> str:
@@ -54,7 +57,9 @@ class GraphUnit:
     """One distinct graph (by content) and the signatures served from it."""
 
     sha256: str
-    graph_def: Any
+    #: The graph file (binary or text, as relpath's suffix says); parsed only when merged.
+    source: Path
+    relpath: str
     scope: str
     init_nodes: Sequence[str]
     signatures: Sequence[SignatureSpec]
@@ -68,6 +73,8 @@ class MergeStats:
     functions: int
     renamed_functions: int
     saved_model_bytes: int
+    variables: int
+    variable_bytes: int
 
 
 def _tensor_in_scope(scope: str, name: str) -> str:
@@ -177,6 +184,124 @@ class _Library:
         raise RuntimeError(f"no free name for function {name}")
 
 
+class _VariableWriter:
+    """Writes externalised constants into ``variables/variables`` (a TensorBundle)."""
+
+    def __init__(self, variables_dir: Path) -> None:
+        self.variables_dir = variables_dir
+        self.names: list[str] = []
+        self.dtypes: list[int] = []
+        self.handles: list[str] = []
+        self._parts: list[str] = []
+        self._pending: list[tuple[str, Any]] = []
+        self._pending_bytes = 0
+        self.bytes = 0
+
+    def add(self, name: str, handle: str, dtype: int, array: Any) -> None:
+        self.names.append(name)
+        self.dtypes.append(dtype)
+        self.handles.append(handle)
+        self._pending.append((name, array))
+        self._pending_bytes += array.nbytes
+        self.bytes += array.nbytes
+        if self._pending_bytes >= _SHARD_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        import tensorflow as tf
+
+        if not self._pending:
+            return
+        prefix = str(self.variables_dir / "parts" / f"part-{len(self._parts):05d}")
+        tf.raw_ops.SaveV2(
+            prefix=prefix,
+            tensor_names=[name for name, _ in self._pending],
+            shape_and_slices=[""] * len(self._pending),
+            tensors=[array for _, array in self._pending],
+        )
+        self._parts.append(prefix)
+        self._pending = []
+        self._pending_bytes = 0
+
+    def finish(self) -> bool:
+        """Merge the shards into one bundle; True when there are variables at all."""
+        import tensorflow as tf
+
+        self.flush()
+        if not self._parts:
+            return False
+        tf.raw_ops.MergeV2Checkpoints(
+            checkpoint_prefixes=self._parts,
+            destination_prefix=str(self.variables_dir / "variables"),
+            delete_old_dirs=True,
+        )
+        return True
+
+
+def _externalise(graph_def: Any, writer: _VariableWriter) -> None:
+    """Turn each large numeric Const into a resource variable read, its value into the bundle."""
+
+    taken = {node.name for node in graph_def.node}
+    handles = []
+    for node in graph_def.node:
+        if not is_large_constant(node):
+            continue
+        value = node.attr["value"].tensor
+        array = constant_array(node)
+        handle_name = f"{node.name}/tfmerge_variable"
+        while handle_name in taken:
+            handle_name += "_"
+        taken.add(handle_name)
+        writer.add(node.name, handle_name, value.dtype, array)
+        handle = type(node)(name=handle_name, op="VarHandleOp", device=node.device)
+        handle.attr["dtype"].type = value.dtype
+        handle.attr["shape"].shape.CopyFrom(value.tensor_shape)
+        handle.attr["container"].s = b""
+        handle.attr["shared_name"].s = node.name.encode()
+        handles.append(handle)
+        controls = [ref for ref in node.input if ref.startswith("^")]
+        colocation = node.attr.get("_class")
+        node.ClearField("attr")
+        node.op = "ReadVariableOp"
+        node.attr["dtype"].type = value.dtype
+        if colocation is not None:
+            node.attr["_class"].CopyFrom(colocation)
+        node.input[:] = [handle_name, *controls]
+        del array
+    graph_def.node.extend(handles)
+
+
+def _add_restore(head: Any, writer: _VariableWriter, saver_def: Any) -> None:
+    """The nodes the SavedModel loader runs to fill the variables from ``variables/``."""
+    import tensorflow as tf
+
+    scope = _SAVER_SCOPE
+    filename = head.node.add(name=f"{scope}/filename", op="Const")
+    filename.attr["dtype"].type = tf.string.as_datatype_enum
+    filename.attr["value"].tensor.CopyFrom(tf.make_tensor_proto("model"))
+    slices = [""] * len(writer.names)
+    for name, values in (("tensor_names", writer.names), ("shape_and_slices", slices)):
+        const = head.node.add(name=f"{scope}/{name}", op="Const")
+        const.attr["dtype"].type = tf.string.as_datatype_enum
+        const.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(values, dtype=tf.string))
+    restore = head.node.add(name=f"{scope}/RestoreV2", op="RestoreV2")
+    restore.input.extend(
+        f"{scope}/{name}" for name in ("filename", "tensor_names", "shape_and_slices")
+    )
+    restore.attr["dtypes"].list.type.extend(writer.dtypes)
+    restore_all = head.node.add(name=f"{scope}/restore_all", op="NoOp")
+    for index, (handle, dtype) in enumerate(zip(writer.handles, writer.dtypes, strict=True)):
+        assign = head.node.add(name=f"{scope}/assign_{index}", op="AssignVariableOp")
+        assign.input.extend([handle, f"{scope}/RestoreV2:{index}"])
+        assign.attr["dtype"].type = dtype
+        restore_all.input.append(f"^{assign.name}")
+    saver_def.filename_tensor_name = f"{scope}/filename:0"
+    # The loader only restores; a save tensor is required by the SaverDef but never run.
+    saver_def.save_tensor_name = f"{scope}/filename:0"
+    saver_def.restore_op_name = f"{scope}/restore_all"
+    saver_def.version = saver_def.V2
+
+
 def _varint(value: int) -> bytes:
     out = bytearray()
     while True:
@@ -202,51 +327,37 @@ def _fsync_write(path: Path, chunks: Sequence[bytes]) -> int:
     return sum(len(chunk) for chunk in chunks)
 
 
-def merge(units: Sequence[GraphUnit], export_dir: Path) -> MergeStats:
-    """Write one SavedModel (tag ``serve``) holding every unit under its scope into export_dir."""
-    import tensorflow as tf
-    from tensorflow.core.framework import graph_pb2
-    from tensorflow.core.protobuf import meta_graph_pb2
+@dataclass
+class _Head:
+    """What the merge learns from the graphs besides their nodes."""
 
-    library = _Library()
-    node_chunks: list[bytes] = []
-    init_nodes: list[str] = []
-    node_count = 0
+    init_nodes: list[str]
     producer: int | None = None
-    min_consumer = 0
-    for unit in units:
-        graph_def = unit.graph_def
-        renames = library.add_graph_library(graph_def.library)
-        for node in graph_def.node:
-            _scope_node(node, unit.scope, renames)
-        node_count += len(graph_def.node)
-        init_nodes.extend(_tensor_in_scope(unit.scope, n) for n in unit.init_nodes)
-        version = graph_def.versions
-        # The oldest producer keeps every graph's deprecated ops loadable.
-        producer = version.producer if producer is None else min(producer, version.producer)
-        min_consumer = max(min_consumer, version.min_consumer)
-        graph_def.ClearField("library")
-        graph_def.ClearField("versions")
-        graph_def.ClearField("debug_info")
-        node_chunks.append(graph_def.SerializeToString(deterministic=True))
-        graph_def.Clear()  # the serialised bytes are all we keep of it
+    min_consumer: int = 0
 
-    head = graph_pb2.GraphDef()
-    head.versions.producer = producer or 0
-    head.versions.min_consumer = min_consumer
-    main_op = head.node.add(name=MAIN_OP_NAME, op="NoOp")
-    main_op.input.extend(f"^{name}" for name in init_nodes)
-    head.library.function.extend(library.order)
-    for function_name, gradient in sorted(library.gradients.items()):
-        head.library.gradient.add(function_name=function_name, gradient_func=gradient)
+
+def _meta_graph(
+    units: Sequence[GraphUnit], library: _Library, writer: _VariableWriter, head: _Head
+) -> Any:
+    """The MetaGraphDef without the graphs' nodes: versions, init op, library, signatures."""
+    import tensorflow as tf
+    from tensorflow.core.protobuf import meta_graph_pb2
 
     meta = meta_graph_pb2.MetaGraphDef()
     meta.meta_info_def.tags.append("serve")
     meta.meta_info_def.tensorflow_version = tf.version.VERSION
     meta.meta_info_def.tensorflow_git_version = tf.version.GIT_VERSION
-    meta.graph_def.CopyFrom(head)
+    graph = meta.graph_def
+    graph.versions.producer = head.producer or 0
+    graph.versions.min_consumer = head.min_consumer
+    main_op = graph.node.add(name=MAIN_OP_NAME, op="NoOp")
+    main_op.input.extend(f"^{name}" for name in head.init_nodes)
+    graph.library.function.extend(library.order)
+    for function_name, gradient in sorted(library.gradients.items()):
+        graph.library.gradient.add(function_name=function_name, gradient_func=gradient)
+    if writer.finish():
+        _add_restore(graph, writer, meta.saver_def)
     meta.collection_def[_MAIN_OP_COLLECTION].node_list.value.append(MAIN_OP_NAME)
-    signatures = 0
     for unit in units:
         for spec in unit.signatures:
             signature = meta.signature_def[spec.name]
@@ -255,10 +366,45 @@ def merge(units: Sequence[GraphUnit], export_dir: Path) -> MergeStats:
                 _tensor_info(signature.inputs[key], unit.scope, sig)
             for key, sig in spec.outputs.items():
                 _tensor_info(signature.outputs[key], unit.scope, sig)
-            signatures += 1
+    return meta
 
+
+def _merge_unit(
+    unit: GraphUnit, library: _Library, writer: _VariableWriter, head: _Head
+) -> tuple[bytes, int]:
+    """One graph's nodes, renamed into its scope and serialised; and how many there are."""
+    graph_def = parse_graph_def(unit.source.read_bytes(), unit.relpath)
+    renames = library.add_graph_library(graph_def.library)
+    for node in graph_def.node:
+        _scope_node(node, unit.scope, renames)
+    _externalise(graph_def, writer)
+    head.init_nodes.extend(_tensor_in_scope(unit.scope, n) for n in unit.init_nodes)
+    version = graph_def.versions
+    # The oldest producer keeps every graph's deprecated ops loadable.
+    head.producer = (
+        version.producer if head.producer is None else min(head.producer, version.producer)
+    )
+    head.min_consumer = max(head.min_consumer, version.min_consumer)
+    for field_name in ("library", "versions", "debug_info"):
+        graph_def.ClearField(field_name)
+    return graph_def.SerializeToString(deterministic=True), len(graph_def.node)
+
+
+def merge(units: Sequence[GraphUnit], export_dir: Path) -> MergeStats:
+    """Write one SavedModel (tag ``serve``) holding every unit under its scope into export_dir."""
+    export_dir.mkdir(parents=True, exist_ok=True)
+    (export_dir / "variables").mkdir(exist_ok=True)
+    library = _Library()
+    writer = _VariableWriter(export_dir / "variables")
+    head = _Head(init_nodes=[])
+    node_chunks: list[bytes] = []
+    node_count = 0
+    for unit in units:
+        chunk, count = _merge_unit(unit, library, writer, head)
+        node_chunks.append(chunk)
+        node_count += count
+    meta_bytes = _meta_graph(units, library, writer, head).SerializeToString(deterministic=True)
     nodes_payload = sum(len(c) for c in node_chunks)
-    meta_bytes = meta.SerializeToString(deterministic=True)
     meta_length = len(meta_bytes) + len(_field_header(2, nodes_payload)) + nodes_payload
     chunks = [
         b"\x08\x01",  # SavedModel.saved_model_schema_version = 1
@@ -267,16 +413,16 @@ def merge(units: Sequence[GraphUnit], export_dir: Path) -> MergeStats:
         _field_header(2, nodes_payload),  # MetaGraphDef.graph_def, merged into the one above
         *node_chunks,
     ]
-    export_dir.mkdir(parents=True, exist_ok=True)
-    (export_dir / "variables").mkdir(exist_ok=True)
     written = _fsync_write(export_dir / "saved_model.pb", chunks)
     return MergeStats(
         graphs=len(units),
-        signatures=signatures,
+        signatures=sum(len(unit.signatures) for unit in units),
         nodes=node_count + 1,
         functions=len(library.order),
         renamed_functions=library.renamed,
         saved_model_bytes=written,
+        variables=len(writer.names),
+        variable_bytes=writer.bytes,
     )
 
 

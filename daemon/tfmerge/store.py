@@ -62,21 +62,26 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace path with data so a reader sees the old bytes or the new ones, never a mix."""
+def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Replace path with data so a reader sees the old bytes or the new ones, never a mix.
+
+    ``durable`` also waits until the bytes are on disk, so they survive a power loss.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -104,7 +109,10 @@ class Store:
     def write_blob(self, sha256: str, suffix: str, data: bytes) -> None:
         path = self.blob_path(sha256, suffix)
         if not path.exists():
-            atomic_write(path, data)
+            # Not synced: a blob torn by a power loss fails its sha256 check when it is next
+            # needed, and syncing every accepted input would double the time a build waits on
+            # the disk.
+            atomic_write(path, data, durable=False)
 
     def accepted(self) -> dict[str, AcceptedModel]:
         raw = read_json(self.root / "accepted.json", {})

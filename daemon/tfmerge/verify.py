@@ -54,8 +54,10 @@ def load_and_run(
 
     results: dict[str, dict[str, np.ndarray]] = {}
     failures: dict[str, str] = {}
+    from tfmerge.graphs import check_session_config
+
     graph = tf.Graph()
-    with tf.compat.v1.Session(graph=graph) as session:
+    with tf.compat.v1.Session(graph=graph, config=check_session_config()) as session:
         meta = tf.compat.v1.saved_model.loader.load(session, ["serve"], str(export_dir))
         for name, values in sorted(feeds.items()):
             signature = meta.signature_def.get(name)

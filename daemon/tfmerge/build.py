@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from tfmerge import __version__, graphs, merge, verify
+from tfmerge import __version__, graphs, merge, verify, warmup
 from tfmerge.config import Config
 from tfmerge.graphs import ModelRejected, TensorSig
 from tfmerge.logs import get_logger
@@ -207,7 +207,11 @@ def run_build(
     units = _units(checked)
     feeds = {c.model.signature: c.feeds for c in checked}
     expected = {c.model.signature: c.expected for c in checked}
-    stats = merge.merge(units, staging)
+    aliases = _aliases(config, models, log)
+    for alias, target in aliases.items():
+        feeds[alias] = feeds[target]
+        expected[alias] = expected[target]
+    stats = merge.merge(units, staging, aliases=aliases)
     del units
     timings["merge"] = round(time.monotonic() - merge_started, 4)
 
@@ -227,7 +231,9 @@ def run_build(
             tuple((m.signature, m.reason) for m in mismatches),
             timings,
         )
-    _write_manifest(staging, build_id, digest, raw_fingerprint, models, timings, asdict(stats))
+    warmup_records = warmup.write(staging, config.serving.model_name, feeds, aliases, log)
+    stats_record = {**asdict(stats), "warmup_requests": warmup_records, "aliases": aliases}
+    _write_manifest(staging, build_id, digest, raw_fingerprint, models, timings, stats_record)
     return BuildResult(
         build_id,
         "built",
@@ -239,6 +245,21 @@ def run_build(
         timings,
         asdict(stats),
     )
+
+
+def _aliases(config: Config, models: Sequence[AcceptedModel], log: Any) -> dict[str, str]:
+    """``serving_default`` -> the signature clients that name none are given, when configured."""
+    names = {m.signature for m in models}
+    if config.default_signature is None or "serving_default" in names:
+        return {}
+    if config.default_signature not in names:
+        log.warning(
+            "default_signature_missing",
+            signature=config.default_signature,
+            reason="default_signature names no signature of this build; no serving_default",
+        )
+        return {}
+    return {"serving_default": config.default_signature}
 
 
 def spec_key_of(model: AcceptedModel) -> dict[str, Any]:

@@ -20,6 +20,7 @@ GiB = 1024**3
 _TENSOR_NAME = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\-/>]*(:\d+)?$")
 _OP_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LOG_FORMATS = ("auto", "json", "console")
+_HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):[0-9]{1,5}$")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -77,6 +78,28 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class ServingSettings:
+    """Where the TensorFlow Serving that serves serving_dir answers; all optional."""
+
+    #: e.g. "http://127.0.0.1:8501"; when set, every publish is followed until it is live.
+    rest_url: str | None = None
+    #: e.g. "127.0.0.1:8500", for `tfmerge smoke` over gRPC.
+    grpc_target: str | None = None
+    #: The name TensorFlow Serving serves serving_dir under (--model_name).
+    model_name: str = "default"
+    #: How long a new version may take to become AVAILABLE before it counts as failed.
+    live_timeout_seconds: float = 300.0
+    #: On a failed version: move it out of serving_dir, republish the last live version.
+    rollback_on_failure: bool = True
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    #: "HOST:PORT" of the Prometheus endpoint; None: no endpoint.
+    listen: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     frozen_dir: Path
@@ -90,6 +113,10 @@ class Config:
     watch: WatchSettings = field(default_factory=WatchSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    #: Signature that clients naming none (``serving_default``) get.
+    default_signature: str | None = None
+    serving: ServingSettings = field(default_factory=ServingSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
 class _Table:
@@ -279,6 +306,13 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         level=log_table.choice("level", "info", _LOG_LEVELS),
     )
     log_table.finish()
+    default_signature = top.string("default_signature")
+    serving = _serving(top.table("serving"))
+    metrics_table = top.table("metrics")
+    listen = metrics_table.string("listen")
+    if listen is not None and not _HOST_PORT.match(listen):
+        metrics_table.problem("listen", f"expected HOST:PORT like 127.0.0.1:9464, got {listen!r}")
+    metrics_table.finish()
     top.finish()
 
     folders_given = len(problems) == 0 or not any(
@@ -307,7 +341,28 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         watch=WatchSettings(quiet_seconds=float(quiet), max_wait_seconds=float(max_wait)),
         worker=worker,
         log=log,
+        default_signature=default_signature,
+        serving=serving,
+        metrics=MetricsSettings(listen=listen),
     )
+
+
+def _serving(table: _Table) -> ServingSettings:
+    rest_url = table.string("rest_url")
+    if rest_url is not None and not rest_url.startswith(("http://", "https://")):
+        table.problem("rest_url", f"expected an http:// or https:// URL, got {rest_url!r}")
+    grpc_target = table.string("grpc_target")
+    if grpc_target is not None and not _HOST_PORT.match(grpc_target):
+        table.problem("grpc_target", f"expected HOST:PORT like 127.0.0.1:8500, got {grpc_target!r}")
+    settings = ServingSettings(
+        rest_url=rest_url.rstrip("/") if rest_url else None,
+        grpc_target=grpc_target,
+        model_name=table.string("model_name", "default"),
+        live_timeout_seconds=float(table.number("live_timeout_seconds", 300.0, minimum=1.0)),
+        rollback_on_failure=table.boolean("rollback_on_failure", True),
+    )
+    table.finish()
+    return settings
 
 
 def _duplicate_signatures(models: Sequence[ModelDecl]) -> Iterator[Problem]:

@@ -390,8 +390,13 @@ def _merge_unit(
     return graph_def.SerializeToString(deterministic=True), len(graph_def.node)
 
 
-def merge(units: Sequence[GraphUnit], export_dir: Path) -> MergeStats:
-    """Write one SavedModel (tag ``serve``) holding every unit under its scope into export_dir."""
+def merge(
+    units: Sequence[GraphUnit], export_dir: Path, *, aliases: Mapping[str, str] | None = None
+) -> MergeStats:
+    """Write one SavedModel (tag ``serve``) holding every unit under its scope into export_dir.
+
+    ``aliases`` adds signatures that are copies of others (``serving_default`` -> a model).
+    """
     export_dir.mkdir(parents=True, exist_ok=True)
     (export_dir / "variables").mkdir(exist_ok=True)
     library = _Library()
@@ -403,7 +408,10 @@ def merge(units: Sequence[GraphUnit], export_dir: Path) -> MergeStats:
         chunk, count = _merge_unit(unit, library, writer, head)
         node_chunks.append(chunk)
         node_count += count
-    meta_bytes = _meta_graph(units, library, writer, head).SerializeToString(deterministic=True)
+    meta = _meta_graph(units, library, writer, head)
+    for alias, target in (aliases or {}).items():
+        meta.signature_def[alias].CopyFrom(meta.signature_def[target])
+    meta_bytes = meta.SerializeToString(deterministic=True)
     nodes_payload = sum(len(c) for c in node_chunks)
     meta_length = len(meta_bytes) + len(_field_header(2, nodes_payload)) + nodes_payload
     chunks = [
@@ -416,7 +424,7 @@ def merge(units: Sequence[GraphUnit], export_dir: Path) -> MergeStats:
     written = _fsync_write(export_dir / "saved_model.pb", chunks)
     return MergeStats(
         graphs=len(units),
-        signatures=sum(len(unit.signatures) for unit in units),
+        signatures=sum(len(unit.signatures) for unit in units) + len(aliases or {}),
         nodes=node_count + 1,
         functions=len(library.order),
         renamed_functions=library.renamed,

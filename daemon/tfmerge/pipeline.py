@@ -101,6 +101,7 @@ def run_once(
     settle_seconds: float | None = None,
     on_staging: Callable[[Path], None] | None = None,
     skip_unchanged_files: bool = False,
+    warn_no_default: bool = True,
 ) -> Outcome:
     """Resolve, build (through runner), and publish when the result is new and verified.
 
@@ -151,6 +152,16 @@ def run_once(
         elif result.outcome == "empty":
             log.warning("build_empty", reason="no model was accepted; nothing to publish")
         store.record_rejections(result.rejections)
+        names = sorted(m.signature for m in result.models)
+        has_default = "serving_default" in names or config.default_signature in names
+        if names and not has_default:
+            fields["no_default_signature"] = True
+            if warn_no_default:
+                log.warning(
+                    "no_default_signature",
+                    signatures=names,
+                    reason="requests that name no signature will fail; set default_signature",
+                )
         if settle_seconds is not None:
             durations["settle"] = round(settle_seconds, 4)
         durations["total"] = round(time.monotonic() - started, 4)

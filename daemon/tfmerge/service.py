@@ -57,6 +57,7 @@ class Daemon:
         self._last_ping = 0.0
         self._retry_sleep = sleep if sleep is not None else self._interruptible_sleep
         self.serving_version: int | None = None
+        self._warned_no_default = False
 
     # --- signals and wake-ups -------------------------------------------------------------
 
@@ -221,6 +222,7 @@ class Daemon:
                 trigger=trigger,
                 settle_seconds=settle_seconds,
                 skip_unchanged_files=skip_unchanged_files,
+                warn_no_default=not self._warned_no_default,
             )
         except BuildAborted:
             self.log.warning("build_aborted", reason="the daemon is stopping")
@@ -238,6 +240,8 @@ class Daemon:
             return
         finally:
             self._prepare_warm_worker()
+        if outcome.fields.get("no_default_signature"):
+            self._warned_no_default = True
         if outcome.version is not None:
             self.serving_version = outcome.version
         self.notifier.status(self._status_text())

@@ -247,6 +247,7 @@ def fingerprint(entries: Iterable[Mapping[str, Any]], config: Config) -> str:
     payload = {
         "format": FORMAT_VERSION,
         "allow_ops": list(config.allow_ops),
+        "default_signature": config.default_signature,
         "models": sorted((dict(e) for e in entries), key=lambda e: str(e["signature"])),
     }
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)

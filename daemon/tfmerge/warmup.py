@@ -1,0 +1,55 @@
+"""The warmup file TensorFlow Serving replays before a version goes live. Worker side.
+
+``assets.extra/tf_serving_warmup_requests`` is a TFRecord file of serialised
+``PredictionLog`` records; the server runs each request against the new version before it
+takes traffic, so the first real request after a swap does not pay for lazy initialisation.
+A failing warmup request fails the load, which is why the requests are the probe inputs the
+build has just verified. The server reads at most 1000 records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
+MAX_RECORDS = 1000
+
+
+def write(
+    export_dir: Path,
+    model_name: str,
+    feeds: Mapping[str, Mapping[str, np.ndarray]],
+    aliases: Mapping[str, str],
+    log: Any,
+) -> int:
+    """One Predict request per signature (aliases excluded); returns how many were written."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    signatures = sorted(name for name in feeds if name not in aliases)
+    if len(signatures) > MAX_RECORDS:
+        log.warning(
+            "warmup_truncated",
+            signatures=len(signatures),
+            written=MAX_RECORDS,
+            reason="TensorFlow Serving replays at most 1000 warmup records",
+        )
+        signatures = signatures[:MAX_RECORDS]
+    path = export_dir / WARMUP_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for name in signatures:
+            request = predict_pb2.PredictRequest()
+            request.model_spec.name = model_name
+            request.model_spec.signature_name = name
+            for key, value in sorted(feeds[name].items()):
+                request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+            record = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request)
+            )
+            writer.write(record.SerializeToString(deterministic=True))
+    return len(signatures)

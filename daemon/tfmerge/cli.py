@@ -194,7 +194,18 @@ def status_report(config: Config) -> dict[str, Any]:
                 "rolled_back_from": manifest.get("rolled_back_from"),
             }
         )
+    server: dict[str, Any] | None = None
+    if config.serving.rest_url:
+        from tfmerge import serving
+
+        try:
+            states = serving.model_status(config.serving)
+            server = {"model": config.serving.model_name, "versions": [s.as_dict() for s in states]}
+        except serving.ServingUnreachable as exc:
+            server = {"model": config.serving.model_name, "error": str(exc)}
     return {
+        "server": server,
+        "last_live": store.live(),
         "serving_dir": str(config.serving_dir),
         "frozen_dir": str(config.frozen_dir),
         "versions": versions,
@@ -220,6 +231,18 @@ def _status(config: Config, *, as_json: bool) -> int:
         for source in entry["sources"]:
             served = ", ".join(source["signatures"])
             print(f"    {source['file']}  sha256 {source['sha256'][:12]}  -> {served}")
+    server = report["server"]
+    if server is not None:
+        print(f"TensorFlow Serving's view of model {server['model']!r}:")
+        if "error" in server:
+            print(f"  unreachable: {server['error']}")
+        for state in server.get("versions", []):
+            error = (
+                f" ({state['error_code']}: {state['error_message']})"
+                if state["error_code"] != "OK"
+                else ""
+            )
+            print(f"  version {state['version']}: {state['state']}{error}")
     if report["rejected"]:
         print("rejected inputs (last build):")
         for item in report["rejected"]:

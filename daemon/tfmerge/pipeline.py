@@ -6,7 +6,6 @@ The TensorFlow part (``tfmerge.build.run_build``) is passed in as a callable, so
 
 from __future__ import annotations
 
-import secrets
 import shutil
 import time
 from collections.abc import Callable
@@ -14,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from tfmerge import publish, specs
+from tfmerge import live, publish, specs
 from tfmerge.config import Config
 from tfmerge.logs import get_logger
-from tfmerge.store import AcceptedModel, Store
+from tfmerge.store import AcceptedModel, Store, high_water, new_build_id
 
 if TYPE_CHECKING:  # importing tfmerge.build at run time would import TensorFlow
     from tfmerge.results import BuildResult
@@ -48,11 +47,8 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        return self.outcome in ("published", "unchanged") and self.rejected == 0
-
-
-def new_build_id() -> str:
-    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}"
+        live = self.fields.get("live", True)
+        return self.outcome in ("published", "unchanged") and self.rejected == 0 and live
 
 
 def newest_manifest(config: Config) -> tuple[int | None, dict[str, Any]]:
@@ -60,11 +56,6 @@ def newest_manifest(config: Config) -> tuple[int | None, dict[str, Any]]:
     if found is None:
         return None, {}
     return found[0], publish.read_manifest(found[1])
-
-
-def high_water(store: Store) -> int:
-    value = store.last_build().get("high_water", 0)
-    return value if isinstance(value, int) else 0
 
 
 def _changes(
@@ -99,9 +90,9 @@ def run_once(
     *,
     trigger: str = "manual",
     settle_seconds: float | None = None,
-    on_staging: Callable[[Path], None] | None = None,
     skip_unchanged_files: bool = False,
     warn_no_default: bool = True,
+    wait: Callable[[float], bool] | None = None,
 ) -> Outcome:
     """Resolve, build (through runner), and publish when the result is new and verified.
 
@@ -123,8 +114,6 @@ def run_once(
         log.info("build_finished", outcome="unchanged", version=None, rejected=rejected)
         return Outcome(build_id, "unchanged", None, rejected, {})
     staging = publish.staging_path(config.serving_dir, build_id)
-    if on_staging is not None:
-        on_staging(staging)
     version: int | None = None
     fields: dict[str, Any] = {}
     try:
@@ -141,27 +130,18 @@ def run_once(
         changes = _changes(previous, result.models)
         fields.update(changes)
         fields["rejected"] = [r.as_dict() for r in result.rejections]
-        outcome = result.outcome
+        outcome = "published" if result.outcome == "built" else result.outcome
         if result.outcome == "built":
             publish_started = time.monotonic()
             version = _publish(config, store, staging, result, changes, log)
             durations["publish"] = round(time.monotonic() - publish_started, 4)
-            outcome = "published"
-        elif result.outcome == "unchanged":
-            log.info("build_unchanged", version=newest_version, fingerprint=result.fingerprint)
-        elif result.outcome == "empty":
-            log.warning("build_empty", reason="no model was accepted; nothing to publish")
+            if config.serving.rest_url:
+                fields.update(live.follow(config, version, log, wait or _sleep))
+        else:
+            _log_unpublished(result, newest_version, log)
         store.record_rejections(result.rejections)
-        names = sorted(m.signature for m in result.models)
-        has_default = "serving_default" in names or config.default_signature in names
-        if names and not has_default:
+        if _lacks_default(config, result, log if warn_no_default else None):
             fields["no_default_signature"] = True
-            if warn_no_default:
-                log.warning(
-                    "no_default_signature",
-                    signatures=names,
-                    reason="requests that name no signature will fail; set default_signature",
-                )
         if settle_seconds is not None:
             durations["settle"] = round(settle_seconds, 4)
         durations["total"] = round(time.monotonic() - started, 4)
@@ -184,6 +164,32 @@ def run_once(
     return Outcome(build_id, outcome, version, rejected, fields)
 
 
+def _log_unpublished(result: BuildResult, newest_version: int | None, log: Any) -> None:
+    if result.outcome == "unchanged":
+        log.info("build_unchanged", version=newest_version, fingerprint=result.fingerprint)
+    elif result.outcome == "empty":
+        log.warning("build_empty", reason="no model was accepted; nothing to publish")
+
+
+def _lacks_default(config: Config, result: BuildResult, log: Any | None) -> bool:
+    """True (and a warning when log is given) when clients naming no signature would fail."""
+    names = sorted(m.signature for m in result.models)
+    if not names or "serving_default" in names or config.default_signature in names:
+        return False
+    if log is not None:
+        log.warning(
+            "no_default_signature",
+            signatures=names,
+            reason="requests that name no signature will fail; set default_signature",
+        )
+    return True
+
+
+def _sleep(seconds: float) -> bool:
+    time.sleep(seconds)
+    return True
+
+
 def _publish(
     config: Config,
     store: Store,
@@ -195,6 +201,7 @@ def _publish(
     with publish.publish_lock(config.state_dir):
         version = publish.next_version(config.serving_dir, high_water(store))
         publish.publish(staging, config.serving_dir, version)
+        store.raise_high_water(version)
         publish.write_history(
             config.serving_dir,
             publish.HistoryLine(version, changes["added"], _message(changes)),
@@ -202,7 +209,9 @@ def _publish(
         )
         store.record_accepted(result.models)
         store.set_hold(None)
-        pruned = publish.prune(config.serving_dir, config.keep_versions)
+        live_version = store.live()
+        protect = [live_version] if live_version is not None else []
+        pruned = publish.prune(config.serving_dir, config.keep_versions, protect=protect)
     log.info(
         "version_published",
         version=version,

@@ -152,6 +152,11 @@ class Daemon:
         if readable:
             _drain(self._wake_r)
 
+    def _wait(self, seconds: float) -> bool:
+        """Sleep, cut short by a stop request; False when the daemon is stopping."""
+        self._interruptible_sleep(seconds)
+        return not self.stopping
+
     def _interruptible_sleep(self, seconds: float) -> None:
         """Sleep between retries; a stop request cuts it short."""
         deadline = self.clock() + seconds
@@ -223,6 +228,7 @@ class Daemon:
                 settle_seconds=settle_seconds,
                 skip_unchanged_files=skip_unchanged_files,
                 warn_no_default=not self._warned_no_default,
+                wait=self._wait,
             )
         except BuildAborted:
             self.log.warning("build_aborted", reason="the daemon is stopping")

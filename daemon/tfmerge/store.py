@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -98,6 +100,10 @@ def read_json(path: Path, default: Any) -> Any:
         return default
 
 
+def new_build_id() -> str:
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}"
+
+
 class Store:
     def __init__(self, state_dir: Path) -> None:
         self.root = state_dir
@@ -135,6 +141,20 @@ class Store:
     def record_last_build(self, record: Mapping[str, Any]) -> None:
         write_json(self.root / "last_build.json", dict(record))
 
+    def raise_high_water(self, version: int) -> None:
+        """Record that version was published, so its number is never used again."""
+        record = self.last_build()
+        if version > high_water(self):
+            self.record_last_build({**record, "high_water": version})
+
+    def live(self) -> int | None:
+        """The last version TensorFlow Serving reported AVAILABLE."""
+        value = read_json(self.root / "live.json", {}).get("version")
+        return value if isinstance(value, int) else None
+
+    def record_live(self, version: int, seconds: float) -> None:
+        write_json(self.root / "live.json", {"version": version, "seconds": round(seconds, 3)})
+
     def hold(self) -> str | None:
         value = read_json(self.root / "hold.json", {}).get("raw_fingerprint")
         return value if isinstance(value, str) else None
@@ -156,3 +176,9 @@ class Store:
                     blob.unlink(missing_ok=True)
                     removed.append(blob.name)
         return removed
+
+
+def high_water(store: Store) -> int:
+    """The highest version number ever published here, even one moved out since."""
+    value = store.last_build().get("high_water", 0)
+    return value if isinstance(value, int) else 0

@@ -1,0 +1,66 @@
+"""After a publish: follow the version until TensorFlow Serving reports it live, or undo it.
+
+A version the server fails to load is never retried by the server while it exists, so it is
+moved out of the base path (into ``state_dir/failed/``) and the last version that went live is
+republished under a new highest number. No TensorFlow here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from tfmerge import publish, rollback, serving
+from tfmerge.config import Config
+from tfmerge.store import Store
+
+
+def follow(config: Config, version: int, log: Any, wait: Callable[[float], bool]) -> dict[str, Any]:
+    """Wait for version to go live; on failure roll back. Returns fields for the summary line."""
+    store = Store(config.state_dir)
+    result = serving.wait_until_live(config.serving, version, wait=wait)
+    fields: dict[str, Any] = {"live": result.live, "live_seconds": round(result.seconds, 3)}
+    if result.live:
+        store.record_live(version, result.seconds)
+        log.info("version_live", version=version, seconds=round(result.seconds, 3))
+        return fields
+    if result.interrupted:
+        log.warning("version_unconfirmed", version=version, reason=result.reason)
+        return fields
+    log.error(
+        "version_failed",
+        version=version,
+        state=result.state,
+        reason=result.reason,
+        seconds=round(result.seconds, 3),
+    )
+    if not config.serving.rollback_on_failure:
+        return fields
+    moved = publish.move_out(config.serving_dir, version, config.state_dir / "failed")
+    log.warning("version_moved_out", version=version, path=str(moved))
+    last_live = store.live()
+    if last_live is None or last_live not in publish.versions(config.serving_dir):
+        log.error(
+            "rollback_failed",
+            version=version,
+            reason="no version has been reported live yet, so there is nothing to restore",
+        )
+        return fields
+    try:
+        restored = rollback.republish(
+            config,
+            last_live,
+            reason=f"version {version} failed to load: {result.reason}",
+            allow_newest=True,
+        )
+    except (rollback.RollbackError, OSError) as exc:
+        log.error("rollback_failed", version=version, reason=str(exc))
+        return fields
+    fields["restored"] = restored
+    again = serving.wait_until_live(config.serving, restored, wait=wait)
+    if again.live:
+        store.record_live(restored, again.seconds)
+        log.info("version_live", version=restored, seconds=round(again.seconds, 3))
+    elif not again.interrupted:
+        log.error("version_failed", version=restored, state=again.state, reason=again.reason)
+    return fields

@@ -209,3 +209,51 @@ def test_sigterm_during_a_build_leaves_no_staging(
         assert daemon.named("build_aborted", mark) or daemon.named("build_finished", mark)
     assert not [p for p in project.serving.iterdir() if p.name.startswith(".staging")]
     assert sorted(versions(project.serving)) in ([1], [1, 2])
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def scrape(port: int) -> dict[str, float]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def test_metrics_endpoint(tmp_path: Path, models: dict[str, FrozenModel]) -> None:
+    project = Project(tmp_path)
+    project.add(models["m0"], "m0.pb")
+    project.configure(discover=True)
+    port = free_port()
+    with project.config.open("a") as handle:
+        handle.write(f'\n[metrics]\nlisten = "127.0.0.1:{port}"\n')
+    with start(project) as daemon:
+        values = scrape(port)
+        assert values['tfmerge_builds_total{outcome="published"}'] == 1
+        assert values["tfmerge_published_version"] == 1
+        assert values["tfmerge_signatures_served"] == 1
+        assert values["tfmerge_rejected_inputs"] == 0
+        assert values["tfmerge_last_publish_timestamp_seconds"] > 0
+
+        mark = daemon.mark()
+        scp_like(models["m1"].path, project.frozen / "m1.pb")
+        (project.frozen / "broken.pb").write_bytes(b"\x0a\xff\xff")
+        daemon.wait_for("build_finished", since=mark, where=lambda e: e["outcome"] == "published")
+        values = scrape(port)
+        assert values['tfmerge_builds_total{outcome="published"}'] == 2
+        assert values["tfmerge_published_version"] == 2
+        assert values["tfmerge_signatures_served"] == 2
+        assert values["tfmerge_rejected_inputs"] == 1
+        assert values["tfmerge_time_to_live_seconds_count"] == 1
+        assert daemon.stop() == exitcodes.OK

@@ -134,7 +134,8 @@ def run_once(
         if result.outcome == "built":
             publish_started = time.monotonic()
             version = _publish(config, store, staging, result, changes, log)
-            durations["publish"] = round(time.monotonic() - publish_started, 4)
+            fields["published_at"] = time.monotonic()
+            durations["publish"] = round(fields["published_at"] - publish_started, 4)
             if config.serving.rest_url:
                 fields.update(live.follow(config, version, log, wait or _sleep))
         else:
@@ -160,7 +161,8 @@ def run_once(
         }
     )
     log_method = log.info if outcome in ("published", "unchanged") and not rejected else log.warning
-    log_method("build_finished", outcome=outcome, version=version, **fields)
+    summary = {k: v for k, v in fields.items() if k != "published_at"}
+    log_method("build_finished", outcome=outcome, version=version, **summary)
     return Outcome(build_id, outcome, version, rejected, fields)
 
 

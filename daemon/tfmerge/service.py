@@ -27,6 +27,7 @@ from tfmerge.config import load as load_config
 from tfmerge.debounce import Change, Debouncer, Flush, StatKey
 from tfmerge.instance import AlreadyRunning, InstanceLock
 from tfmerge.logs import get_logger
+from tfmerge.metrics import Metrics
 from tfmerge.notify import Notifier
 from tfmerge.watch import FolderWatcher
 from tfmerge.worker import BuildAborted, Worker, WorkerError, make_request
@@ -58,6 +59,7 @@ class Daemon:
         self._retry_sleep = sleep if sleep is not None else self._interruptible_sleep
         self.serving_version: int | None = None
         self._warned_no_default = False
+        self.metrics = Metrics() if config.metrics.listen else None
 
     # --- signals and wake-ups -------------------------------------------------------------
 
@@ -109,6 +111,13 @@ class Daemon:
         for name in publish.remove_stale_staging(self.config.serving_dir):
             self.log.info("staging_removed", path=str(self.config.serving_dir / name))
         self._start_watcher()
+        if self.metrics is not None and self.config.metrics.listen:
+            self.metrics.serve(self.config.metrics.listen)
+            newest = publish.newest(self.config.serving_dir)
+            if newest is not None:
+                signatures = publish.read_manifest(newest[1]).get("signatures", {})
+                self.metrics.serving(newest[0], len(signatures))
+            self.log.info("metrics_listening", listen=self.config.metrics.listen)
         try:
             if not self.stopping:
                 self._build(trigger="startup", skip_unchanged_files=True)
@@ -194,7 +203,7 @@ class Daemon:
             reason=flush.reason,
             settle_seconds=round(settle, 3),
         )
-        self._build(trigger=flush.reason, settle_seconds=settle)
+        self._build(trigger=flush.reason, settle_seconds=settle, last_change=flush.last_change)
 
     # --- builds --------------------------------------------------------------------------
 
@@ -204,6 +213,7 @@ class Daemon:
         trigger: str,
         settle_seconds: float | None = None,
         skip_unchanged_files: bool = False,
+        last_change: float | None = None,
     ) -> None:
         if skip_unchanged_files:
             held = self._held()
@@ -239,6 +249,8 @@ class Daemon:
                 event = "worker_crashed"
             self.log.error(event, reason=str(exc), transient=exc.transient)
             self.notifier.status(f"last build failed: {exc}")
+            if self.metrics is not None:
+                self.metrics.build_finished("error", {}, None)
             return
         except OSError as exc:
             self.log.error("publish_failed", reason=str(exc), errno=exc.errno)
@@ -246,6 +258,14 @@ class Daemon:
             return
         finally:
             self._prepare_warm_worker()
+        if self.metrics is not None:
+            published_at = outcome.fields.get("published_at")
+            ttl = None
+            if published_at is not None and last_change is not None:
+                ttl = published_at - last_change
+            self.metrics.build_finished(
+                outcome.outcome, outcome.fields, outcome.version, time_to_live=ttl
+            )
         if outcome.fields.get("no_default_signature"):
             self._warned_no_default = True
         if outcome.version is not None:
@@ -348,6 +368,8 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self._stop_watcher()
+        if self.metrics is not None:
+            self.metrics.close()
         if self._warm is not None:
             self._warm.stop()
             self._warm = None

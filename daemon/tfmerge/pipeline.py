@@ -109,10 +109,7 @@ def run_once(
     newest_version, manifest = newest_manifest(config)
     log.info("build_started", trigger=trigger, models=len(resolution.specs), newest=newest_version)
     if skip_unchanged_files and raw == manifest.get("raw_fingerprint") and raw:
-        log.info("build_unchanged", version=newest_version, fingerprint=manifest.get("fingerprint"))
-        rejected = len(store.rejections())
-        log.info("build_finished", outcome="unchanged", version=None, rejected=rejected)
-        return Outcome(build_id, "unchanged", None, rejected, {})
+        return _unchanged_files(build_id, store, newest_version, manifest, log)
     staging = publish.staging_path(config.serving_dir, build_id)
     version: int | None = None
     fields: dict[str, Any] = {}
@@ -164,6 +161,15 @@ def run_once(
     summary = {k: v for k, v in fields.items() if k != "published_at"}
     log_method("build_finished", outcome=outcome, version=version, **summary)
     return Outcome(build_id, outcome, version, rejected, fields)
+
+
+def _unchanged_files(
+    build_id: str, store: Store, newest: int | None, manifest: dict[str, Any], log: Any
+) -> Outcome:
+    log.info("build_unchanged", version=newest, fingerprint=manifest.get("fingerprint"))
+    rejected = len(store.rejections())
+    log.info("build_finished", outcome="unchanged", version=None, rejected=rejected)
+    return Outcome(build_id, "unchanged", None, rejected, {})
 
 
 def _log_unpublished(result: BuildResult, newest_version: int | None, log: Any) -> None:

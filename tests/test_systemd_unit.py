@@ -53,6 +53,7 @@ ACCEPTED_EXPOSURES = {
     "PrivateNetwork=": "TensorFlow Serving's REST port on localhost is to be polled",
     "IPAddressDeny=": "the allow list keeps localhost for that same port",
     "RestrictAddressFamilies=~AF_UNIX": "sd_notify and journald speak AF_UNIX",
+    "RestrictAddressFamilies=~AF_(INET|INET6)": "[serving] rest_url and [metrics] listen, on localhost",
     "UMask=": "TensorFlow Serving, another user, must read the published versions",
     "DeviceAllow=": "ProtectClock= adds char-rtc read access",
     "RootDirectory=/RootImage=": "the daemon runs from the host's virtualenv",
@@ -424,7 +425,7 @@ def _probe_sandbox() -> dict[str, str]:
     wx = mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC
     return {
         "wx_mmap": _answer(lambda: mmap.mmap(-1, mmap.PAGESIZE, prot=wx).close()),
-        "inet_socket": _answer(lambda: socket.socket(socket.AF_INET).close()),
+        "packet_socket": _answer(lambda: socket.socket(socket.AF_PACKET).close()),
         "sched_setaffinity": _answer(lambda: os.sched_setaffinity(0, os.sched_getaffinity(0))),
         "write_venv": _answer(lambda: _make_and_remove(Path(sys.prefix) / ".tfmerge-ro-probe")),
         "proc_cpuinfo": "visible" if Path("/proc/cpuinfo").exists() else "hidden",
@@ -647,7 +648,7 @@ def test_the_daemon_runs_inside_the_unit_sandbox(tmp_path: Path) -> None:
 
     assert json.loads((scratch / "probes.json").read_text()) == {
         "wx_mmap": "EPERM",  # MemoryDenyWriteExecute=yes
-        "inet_socket": "EAFNOSUPPORT",  # RestrictAddressFamilies=AF_UNIX
+        "packet_socket": "EAFNOSUPPORT",  # RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
         "sched_setaffinity": "EPERM",  # ~@resources with SystemCallErrorNumber=EPERM
         "write_venv": "EROFS",  # ProtectSystem=strict
         "proc_cpuinfo": "hidden",  # ProcSubset=pid

@@ -149,3 +149,15 @@ def test_status_rollback_and_pruning(
     assert code == exitcodes.FAILED
     assert "does not exist" in one(events, "rollback_failed")["reason"]
     assert not named(events, "rollback_published")
+
+
+def test_smoke_without_a_server_configured_is_a_usage_error(
+    tmp_path: Path, models: dict[str, FrozenModel], capsys: pytest.CaptureFixture[str]
+) -> None:
+    project = Project(tmp_path)
+    project.add(models["m0"], "m0.pb")
+    project.configure([model_entry("m0", "m0.pb", models["m0"])])
+    assert project.cli(capsys, "build")[0] == exitcodes.OK
+    code, events = project.cli(capsys, "smoke")
+    assert code == exitcodes.USAGE
+    assert "grpc_target" in one(events, "smoke_not_run")["reason"]

@@ -54,6 +54,16 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="version to restore (default: the one before the newest)",
     )
+    smoke = with_config(
+        "smoke", "Send every signature's probe input to the live server and compare the answers."
+    )
+    smoke.add_argument(
+        "--via", choices=("grpc", "rest"), default="grpc", help="protocol (default grpc)"
+    )
+    smoke.add_argument("--target", help="HOST:PORT (gRPC) or URL (REST); default from [serving]")
+    smoke.add_argument(
+        "--version", type=int, metavar="N", help="version to test (default: the newest)"
+    )
     inspect = commands.add_parser(
         "inspect", help="Describe a frozen graph and print a ready-to-paste [[models]] entry."
     )
@@ -82,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check": lambda: _check(config),
         "status": lambda: _status(config, as_json=args.json),
         "rollback": lambda: _rollback(config, args.to),
+        "smoke": lambda: _smoke(config, args),
     }
     return commands[args.command]()
 
@@ -249,6 +260,12 @@ def _status(config: Config, *, as_json: bool) -> int:
             who = item.get("file") or item.get("signature")
             print(f"  {who}: {item['code']}: {item['reason']}")
     return exitcodes.OK
+
+
+def _smoke(config: Config, args: argparse.Namespace) -> int:
+    from tfmerge.smoke import smoke
+
+    return smoke(config, via=args.via, target=args.target, version=args.version)
 
 
 def _rollback(config: Config, target: int | None) -> int:

@@ -14,13 +14,14 @@ Over REST the answer is JSON, which carries no dtype: each output is converted t
 source graph produced. TensorFlow Serving writes a float with as many digits as it needs to
 round-trip (up to 9 for float32, 17 for float64), so the values still compare exactly.
 
-Worker side: TensorFlow is imported inside the functions that need it, so importing this
-module (and ``tfmerge.cli``) stays cheap.
+TensorFlow, numpy and gRPC are imported inside the functions that need them, so importing
+this module stays as cheap as importing ``tfmerge.cli``.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import time
 import urllib.error
@@ -28,16 +29,17 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-import numpy as np
 import tenacity
 
 from tfmerge import exitcodes, publish
 from tfmerge.config import Config
 from tfmerge.logs import get_logger
 from tfmerge.store import AcceptedModel, Store
-from tfmerge.verify import outputs_equal
+
+if TYPE_CHECKING:
+    import numpy as np
 
 Via = Literal["grpc", "rest"]
 VIAS: tuple[Via, ...] = ("grpc", "rest")
@@ -88,10 +90,9 @@ def smoke(
     log = get_logger(command="smoke", via=via)
     where = target or (config.serving.grpc_target if via == "grpc" else config.serving.rest_url)
     problem = _usage_problem(config, via, where, version)
-    if problem is not None:
+    if problem is not None or where is None:
         log.error("smoke_not_run", version=version, reason=problem)
         return exitcodes.USAGE
-    assert where is not None  # noqa: S101 - _usage_problem returned None, so it is set
     chosen = _chosen_version(config.serving_dir, version)
     if chosen is None:
         log.error("smoke_not_run", version=version, reason=f"no version in {config.serving_dir}")
@@ -114,8 +115,8 @@ def smoke(
                     AcceptedModel.from_dict(entry), config, transport, log, sleep, patient=patient
                 )
             except CallFailed as exc:
-                # The server stayed unreachable or the version unloaded through every backoff;
-                # waiting that long again for each further signature would only repeat it.
+                # The server stayed unreachable, or the version unavailable, through a whole
+                # backoff; waiting as long again for each further signature would only repeat it.
                 patient = patient and not exc.transient
                 log.error("smoke_failed", signature=name, reason=exc.reason)
                 failed.append(name)
@@ -171,7 +172,9 @@ def _smoke_one(
     *,
     patient: bool,
 ) -> float:
-    """Seconds the server took to answer one signature correctly; raises otherwise."""
+    """Seconds from the first request to a correct answer, retries included; raises otherwise."""
+    from tfmerge.verify import outputs_equal
+
     feeds, expected = _probe(model, config, log)
 
     def log_retry(state: tenacity.RetryCallState) -> None:
@@ -315,6 +318,10 @@ class _Rest:
             ) from exc
         except ConnectionError as exc:
             raise CallFailed(f"{self.url}: {exc}", transient=True) from exc
+        except http.client.HTTPException as exc:
+            raise CallFailed(
+                f"{self.url}: not an HTTP answer ({type(exc).__name__}: {exc})", transient=False
+            ) from exc
         return outputs_from_json(raw, like)
 
     def close(self) -> None:
@@ -332,6 +339,9 @@ def _error_text(error: urllib.error.HTTPError) -> str:
 
 def to_json(value: np.ndarray) -> Any:
     """A tensor as TensorFlow Serving's REST API reads it: nested lists, strings as base64."""
+    import numpy as np
+
+    value = np.asarray(value)
     if value.dtype == object or value.dtype.kind in "SU":
         return _map_leaves(value.tolist(), _b64)
     return value.tolist()
@@ -365,6 +375,8 @@ def outputs_from_json(raw: bytes, like: Mapping[str, np.ndarray]) -> dict[str, n
     bytes otherwise, which need not be UTF-8: they are decoded with surrogate escapes and
     encoded back to the same bytes.
     """
+    import numpy as np
+
     try:
         document = json.loads(raw.decode("utf-8", "surrogateescape"))
         outputs = document["outputs"]

@@ -88,11 +88,21 @@ class DaemonProcess:
         return self.wait_for("daemon_ready", timeout=timeout)
 
     def worker_pids(self) -> list[int]:
+        """The daemon's build workers (not multiprocessing's resource tracker)."""
         path = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
         try:
-            return [int(pid) for pid in path.read_text().split()]
+            children = [int(pid) for pid in path.read_text().split()]
         except OSError:
             return []
+        workers = []
+        for pid in children:
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"spawn_main" in cmdline:
+                workers.append(pid)
+        return workers
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.process.poll() is None:

@@ -317,6 +317,8 @@ class Daemon:
             )
         finally:
             worker.stop()
+            # A retry after a crash, like the next build, starts on a worker already warm.
+            self._prepare_warm_worker()
 
     def _on_build_wait(self) -> float | None:
         self._ping_watchdog()

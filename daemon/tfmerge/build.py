@@ -6,6 +6,9 @@ touches an integer-named folder: its output is a staging folder that the caller 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import json
 import os
 import time
@@ -62,8 +65,25 @@ def _check_model(
     """
     sha256, data, graph_def = graphs.read_graph_def(path, spec.relpath, config.max_model_bytes)
     size = len(data)
+    suffix = ".pbtxt" if spec.relpath.endswith(".pbtxt") else ".pb"
+    source = path
+    if store is not None and not kept:
+        # Kept now, so the bytes need not stay in memory; a refused file's copy is collected
+        # with the other unused ones after the next publish.
+        store.write_blob(sha256, suffix, data)
+        source = store.blob_path(sha256, suffix)
+    del data
     graphs.check_ops(graph_def, config.allow_ops)
     light, constants = graphs.split_large_constants(graph_def)
+    init_nodes = graphs.initializer_nodes(graph_def)
+    large = set(constants)
+    constant_feeds = {
+        f"{node.name}:0": graphs.constant_array(node)
+        for node in graph_def.node
+        if node.name in large
+    }
+    # The merge parses the file again: from here on only the light graph and the arrays remain.
+    del graph_def
     graph = graphs.import_graph(light)
     del light
     inputs, outputs = spec.inputs, spec.outputs
@@ -85,12 +105,6 @@ def _check_model(
         ):
             log.debug("input_not_placeholder", signature=spec.signature, input=key, tensor=sig.name)
     feeds = graphs.probe_inputs(spec.signature, input_sigs, spec.sample)
-    init_nodes = graphs.initializer_nodes(graph_def)
-    constant_feeds = {
-        f"{node.name}:0": graphs.constant_array(node)
-        for node in graph_def.node
-        if node.name in set(constants)
-    }
     try:
         expected = graphs.run_graph(
             graph,
@@ -120,11 +134,18 @@ def _check_model(
             "outputs": {k: s.as_dict() for k, s in output_sigs.items()},
         },
     )
-    source = path
-    if store is not None and not kept:
-        store.write_blob(sha256, model.suffix, data)
-        source = store.blob_path(sha256, model.suffix)
     return _Checked(model, source, init_nodes, input_sigs, output_sigs, feeds, expected)
+
+
+def _release_memory() -> None:
+    """Hand freed heap back to the kernel between models.
+
+    glibc keeps freed blocks of a large graph in its arenas, so the peak of one model's check
+    would otherwise be carried into the next one and into the merge.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def _fallback(signature: str, store: Store, config: Config, log: Any) -> _Checked | None:
@@ -183,6 +204,7 @@ def run_build(
             rejections.append(rejection)
             log.error("model_rejected", **rejection.as_dict())
             fallbacks.add(spec.signature)
+        _release_memory()
     for signature in sorted(fallbacks):
         kept = _fallback(signature, store, config, log)
         if kept is not None:
@@ -213,6 +235,7 @@ def run_build(
         expected[alias] = expected[target]
     stats = merge.merge(units, staging, aliases=aliases)
     del units
+    _release_memory()
     timings["merge"] = round(time.monotonic() - merge_started, 4)
 
     verify_started = time.monotonic()

@@ -406,6 +406,7 @@ def merge(
     node_count = 0
     for unit in units:
         chunk, count = _merge_unit(unit, library, writer, head)
+        writer.flush()
         node_chunks.append(chunk)
         node_count += count
     meta = _meta_graph(units, library, writer, head)

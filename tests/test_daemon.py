@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemonlib import DaemonProcess, wait_until
 from tfmerge import exitcodes
 
 import graphgen
+from daemonlib import DaemonProcess, wait_until
 from graphgen import FrozenModel
 from projectlib import Project, model_entry
 from servinglib import assert_same_outputs, highest, manifest, run_signatures, versions

@@ -165,24 +165,26 @@ def test_a_failed_version_is_moved_out_and_the_last_live_one_republished(
     assert states == {1: "AVAILABLE", 2: "END", 3: "AVAILABLE"}
 
 
-def test_a_version_that_never_loads_times_out(
+def test_no_verdict_within_the_timeout_takes_nothing_away(
     tmp_path: Path,
     models: list[FrozenModel],
     fake_serving: FakeServing,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     project = Project(tmp_path)
+    fake_serving.script[1] = [{"state": "LOADING", "status": OK}]
     configure(project, models, fake_serving, 1)
     project.config.write_text(
         project.config.read_text().replace("live_timeout_seconds = 20", "live_timeout_seconds = 1")
     )
     code, events = project.cli(capsys, "build")
     assert code == exitcodes.FAILED
-    failed = one(events, "version_failed")
-    assert "not AVAILABLE after" in failed["reason"]
-    # Nothing ever went live, so there is nothing to restore: the version is moved out only.
-    assert one(events, "rollback_failed")["version"] == 1
-    assert versions(project.serving) == {}
+    unconfirmed = one(events, "version_unconfirmed")
+    assert unconfirmed["state"] == "LOADING"
+    assert "not AVAILABLE after" in unconfirmed["reason"]
+    assert not named(events, "version_failed")
+    assert not named(events, "version_moved_out")
+    assert sorted(versions(project.serving)) == [1]
 
 
 def test_status_says_when_the_server_is_unreachable(

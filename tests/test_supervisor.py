@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from daemonlib import DaemonProcess
-
 import graphgen
+from daemonlib import DaemonProcess
 from projectlib import Project
 
 SUPERVISOR_MODULES = [

@@ -25,7 +25,13 @@ def follow(config: Config, version: int, log: Any, wait: Callable[[float], bool]
         log.info("version_live", version=version, seconds=round(result.seconds, 3))
         return fields
     if result.interrupted:
-        log.warning("version_unconfirmed", version=version, reason=result.reason)
+        log.warning(
+            "version_unconfirmed",
+            version=version,
+            state=result.state,
+            reason=result.reason,
+            seconds=round(result.seconds, 3),
+        )
         return fields
     log.error(
         "version_failed",
@@ -40,11 +46,12 @@ def follow(config: Config, version: int, log: Any, wait: Callable[[float], bool]
     log.warning("version_moved_out", version=version, path=str(moved))
     last_live = store.live()
     if last_live is None or last_live not in publish.versions(config.serving_dir):
-        log.error(
-            "rollback_failed",
-            version=version,
-            reason="no version has been reported live yet, so there is nothing to restore",
+        why = (
+            "no version has been reported live yet"
+            if last_live is None
+            else f"the last live version {last_live} is no longer in serving_dir"
         )
+        log.error("rollback_failed", version=version, reason=f"{why}; nothing to restore")
         return fields
     try:
         restored = rollback.republish(
@@ -62,5 +69,13 @@ def follow(config: Config, version: int, log: Any, wait: Callable[[float], bool]
         store.record_live(restored, again.seconds)
         log.info("version_live", version=restored, seconds=round(again.seconds, 3))
     elif not again.interrupted:
-        log.error("version_failed", version=restored, state=again.state, reason=again.reason)
+        log.error(
+            "version_failed",
+            version=restored,
+            state=again.state,
+            reason=again.reason,
+            seconds=round(again.seconds, 3),
+        )
+    else:
+        log.warning("version_unconfirmed", version=restored, reason=again.reason)
     return fields

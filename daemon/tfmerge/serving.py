@@ -85,7 +85,8 @@ class LiveResult:
     seconds: float
     state: str | None
     reason: str
-    #: The wait was cut short by a stop request: neither live nor failed.
+    #: No verdict: the wait timed out or was cut short by a stop request. Neither live nor
+    #: failed, so nothing is undone.
     interrupted: bool = False
 
 
@@ -121,8 +122,11 @@ def wait_until_live(
                 return LiveResult(True, elapsed, state, "available")
             last_problem = f"state {state}"
         if elapsed >= settings.live_timeout_seconds:
-            return LiveResult(
-                False, elapsed, state, f"not AVAILABLE after {elapsed:.0f} s ({last_problem})"
-            )
+            # No verdict from the server (unreachable, still loading, or another model name):
+            # never a reason to take a version away, only to say it is unconfirmed.
+            reason = f"not AVAILABLE after {elapsed:.0f} s ({last_problem})"
+            return LiveResult(False, elapsed, state, reason, interrupted=True)
         if not wait(min(_POLL_SECONDS, settings.live_timeout_seconds - elapsed)):
-            return LiveResult(False, clock() - started, state, "stopped while waiting", True)
+            return LiveResult(
+                False, clock() - started, state, "stopped while waiting", interrupted=True
+            )

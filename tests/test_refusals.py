@@ -238,3 +238,29 @@ def test_duplicate_signature_across_config_and_sidecar(
     assert "sidecar other.toml" in rejected["reason"]
     assert one(events, "model_kept")["signature"] == "good"
     assert sorted(versions(project.serving)) == [1]
+
+
+def test_a_broken_sidecar_keeps_its_model_serving(
+    tmp_path: Path, models: dict[str, FrozenModel], capsys: pytest.CaptureFixture[str]
+) -> None:
+    project = Project(tmp_path)
+    project.add(models["good"], "carried.pb")
+    sidecar = project.frozen / "carried.toml"
+    sidecar.write_text(
+        '[[models]]\nsignature = "carried"\ninputs = { x = "x:0" }\noutputs = { probs = "probs:0" }\n'
+    )
+    project.configure(discover=True)
+    assert project.cli(capsys, "build")[0] == exitcodes.OK
+    before = tree_digest(project.serving / "1")
+
+    sidecar.write_text("[[models]\nsignature = ")  # a half-uploaded edit
+    code, events = project.cli(capsys, "build")
+    assert code == exitcodes.FAILED
+    assert one(events, "model_rejected")["code"] == "bad_sidecar"
+    assert one(events, "model_kept")["signature"] == "carried"
+    assert not named(events, "model_inferred")  # not rediscovered under its file name
+    finished = one(events, "build_finished")
+    assert finished["outcome"] == "unchanged"
+    assert finished["removed"] == []
+    assert sorted(versions(project.serving)) == [1]
+    assert tree_digest(project.serving / "1") == before

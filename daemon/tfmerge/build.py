@@ -192,6 +192,12 @@ def run_build(
         log.error("model_rejected", **rejection.as_dict())
     checked: list[_Checked] = []
     fallbacks = set(resolution.refused_signatures)
+    current = {spec.signature for spec in resolution.specs}
+    fallbacks.update(
+        name
+        for name, model in store.accepted().items()
+        if model.relpath in resolution.refused_files and name not in current
+    )
     for spec in resolution.specs:
         try:
             checked.append(

@@ -109,10 +109,8 @@ def run_once(
     newest_version, manifest = newest_manifest(config)
     log.info("build_started", trigger=trigger, models=len(resolution.specs), newest=newest_version)
     if skip_unchanged_files and raw == manifest.get("raw_fingerprint") and raw:
-        return _unchanged_files(build_id, store, newest_version, manifest, log)
+        return _unchanged_files(build_id, store, newest_version, manifest, log, started)
     staging = publish.staging_path(config.serving_dir, build_id)
-    version: int | None = None
-    fields: dict[str, Any] = {}
     try:
         result = runner(
             config,
@@ -122,33 +120,28 @@ def run_once(
             newest_fingerprint=manifest.get("fingerprint"),
             raw_fingerprint=raw,
         )
-        durations = dict(result.timings)
-        previous = store.accepted()
-        changes = _changes(previous, result.models)
-        fields.update(changes)
-        fields["rejected"] = [r.as_dict() for r in result.rejections]
-        outcome = "published" if result.outcome == "built" else result.outcome
-        if result.outcome == "built":
-            publish_started = time.monotonic()
-            version = _publish(config, store, staging, result, changes, log)
-            fields["published_at"] = time.monotonic()
-            durations["publish"] = round(fields["published_at"] - publish_started, 4)
-            if config.serving.rest_url:
-                fields.update(live.follow(config, version, log, wait or _sleep))
-        else:
-            _log_unpublished(result, newest_version, log)
-        store.record_rejections(result.rejections)
-        if _lacks_default(config, result, log if warn_no_default else None):
-            fields["no_default_signature"] = True
-        if settle_seconds is not None:
-            durations["settle"] = round(settle_seconds, 4)
-        durations["total"] = round(time.monotonic() - started, 4)
-        fields["durations"] = durations
-        fields["signatures"] = len(result.models)
-        rejected = len(result.rejections)
+        outcome, version, fields = _conclude(
+            config, store, staging, result, newest_version, log, wait=wait or _sleep
+        )
+    except BaseException as exc:
+        # Every build_started gets its build_finished, also when the build never returned.
+        log.error(
+            "build_finished",
+            outcome=getattr(exc, "outcome", "error"),
+            version=None,
+            reason=str(exc) or type(exc).__name__,
+            durations={"total": round(time.monotonic() - started, 4)},
+        )
+        raise
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+    if _lacks_default(config, result, log if warn_no_default else None):
+        fields["no_default_signature"] = True
+    durations = fields["durations"]
+    if settle_seconds is not None:
+        durations["settle"] = round(settle_seconds, 4)
+    durations["total"] = round(time.monotonic() - started, 4)
     store.record_last_build(
         {
             "raw_fingerprint": raw,
@@ -157,19 +150,75 @@ def run_once(
             "high_water": max(version or 0, high_water(store), newest_version or 0),
         }
     )
-    log_method = log.info if outcome in ("published", "unchanged") and not rejected else log.warning
+    rejected = len(result.rejections)
+    clean = outcome in ("published", "unchanged") and not rejected and fields.get("live", True)
     summary = {k: v for k, v in fields.items() if k != "published_at"}
-    log_method("build_finished", outcome=outcome, version=version, **summary)
+    shown = version if outcome == "published" else newest_version
+    (log.info if clean else log.warning)(
+        "build_finished", outcome=outcome, version=shown, **summary
+    )
     return Outcome(build_id, outcome, version, rejected, fields)
 
 
+def _conclude(
+    config: Config,
+    store: Store,
+    staging: Path,
+    result: BuildResult,
+    newest_version: int | None,
+    log: Any,
+    *,
+    wait: Callable[[float], bool],
+) -> tuple[str, int | None, dict[str, Any]]:
+    """Publish a built result (and follow it), or say why nothing is published."""
+    durations = dict(result.timings)
+    version: int | None = None
+    if result.outcome == "built":
+        changes = _changes(store.accepted(), result.models)
+        fields: dict[str, Any] = dict(changes)
+        publish_started = time.monotonic()
+        version = _publish(config, store, staging, result, changes, log)
+        fields["published_at"] = time.monotonic()
+        durations["publish"] = round(fields["published_at"] - publish_started, 4)
+        if config.serving.rest_url:
+            fields.update(live.follow(config, version, log, wait))
+    else:
+        # Nothing was published, so nothing was added, updated or removed.
+        kept = sorted(m.signature for m in result.models if m.kept)
+        fields = {"added": [], "updated": [], "kept": kept, "removed": []}
+        _log_unpublished(result, newest_version, log)
+    store.record_rejections(result.rejections)
+    fields["rejected"] = [r.as_dict() for r in result.rejections]
+    fields["durations"] = durations
+    fields["signatures"] = len(result.models)
+    outcome = "published" if result.outcome == "built" else result.outcome
+    return outcome, version, fields
+
+
 def _unchanged_files(
-    build_id: str, store: Store, newest: int | None, manifest: dict[str, Any], log: Any
+    build_id: str,
+    store: Store,
+    newest: int | None,
+    manifest: dict[str, Any],
+    log: Any,
+    started: float,
 ) -> Outcome:
+    """The summary of a build ended before TensorFlow: newest was built from these very files."""
     log.info("build_unchanged", version=newest, fingerprint=manifest.get("fingerprint"))
-    rejected = len(store.rejections())
-    log.info("build_finished", outcome="unchanged", version=None, rejected=rejected)
-    return Outcome(build_id, "unchanged", None, rejected, {})
+    rejections = store.rejections()
+    fields = {
+        "added": [],
+        "updated": [],
+        "kept": sorted(name for name, m in store.accepted().items() if m.kept),
+        "removed": [],
+        "rejected": rejections,
+        "durations": {"total": round(time.monotonic() - started, 4)},
+        "signatures": len(store.accepted()),
+    }
+    (log.warning if rejections else log.info)(
+        "build_finished", outcome="unchanged", version=newest, **fields
+    )
+    return Outcome(build_id, "unchanged", None, len(rejections), fields)
 
 
 def _log_unpublished(result: BuildResult, newest_version: int | None, log: Any) -> None:

@@ -240,21 +240,8 @@ class Daemon:
                 warn_no_default=not self._warned_no_default,
                 wait=self._wait,
             )
-        except BuildAborted:
-            self.log.warning("build_aborted", reason="the daemon is stopping")
-            return
-        except WorkerError as exc:
-            event = "worker_timeout" if exc.kind == "timeout" else "build_error"
-            if exc.kind == "crashed":
-                event = "worker_crashed"
-            self.log.error(event, reason=str(exc), transient=exc.transient)
-            self.notifier.status(f"last build failed: {exc}")
-            if self.metrics is not None:
-                self.metrics.build_finished("error", {}, None)
-            return
-        except OSError as exc:
-            self.log.error("publish_failed", reason=str(exc), errno=exc.errno)
-            self.notifier.status(f"last publish failed: {exc}")
+        except Exception as exc:  # noqa: BLE001 - the daemon must outlive any one build
+            self._build_failed(exc)
             return
         finally:
             self._prepare_warm_worker()
@@ -271,6 +258,24 @@ class Daemon:
         if outcome.version is not None:
             self.serving_version = outcome.version
         self.notifier.status(self._status_text())
+
+    def _build_failed(self, exc: Exception) -> None:
+        """Say how a build ended without a result; the daemon carries on."""
+        if isinstance(exc, BuildAborted):
+            self.log.warning("build_aborted", reason="the daemon is stopping")
+            return
+        if isinstance(exc, WorkerError):
+            events = {"timeout": "worker_timeout", "crashed": "worker_crashed"}
+            self.log.error(
+                events.get(exc.kind, "build_error"), reason=str(exc), transient=exc.transient
+            )
+        elif isinstance(exc, OSError | publish.PublishError):
+            self.log.error("publish_failed", reason=str(exc), errno=getattr(exc, "errno", None))
+        else:
+            self.log.error("build_crashed", reason=f"{type(exc).__name__}: {exc}", exc_info=exc)
+        self.notifier.status(f"last build failed: {exc}")
+        if self.metrics is not None:
+            self.metrics.build_finished("error", {}, None)
 
     def _held(self) -> bool:
         """After a rollback, the inputs on disk are not rebuilt until they change."""

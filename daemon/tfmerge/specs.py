@@ -58,6 +58,8 @@ class Resolution:
     rejections: tuple[Rejection, ...] = ()
     #: Signatures whose declaration was refused: their last good input keeps serving.
     refused_signatures: frozenset[str] = field(default_factory=frozenset)
+    #: Graph files whose sidecar was refused: whatever they served keeps its last good input.
+    refused_files: frozenset[str] = field(default_factory=frozenset)
 
 
 def model_files(frozen_dir: Path) -> list[str]:
@@ -114,9 +116,14 @@ def _normalise(relpath: str) -> str:
     return Path(os.path.normpath(relpath)).as_posix()
 
 
-def _sidecar_models(frozen_dir: Path, rel: str) -> tuple[list[ModelDecl], list[Rejection]]:
+def sidecar_graph(frozen_dir: Path, rel: str) -> str | None:
+    """The graph a sidecar declares: NAME.pb (or NAME.pbtxt) beside NAME.toml, if present."""
     stem = rel[: -len(".toml")]
-    graph = next((stem + s for s in MODEL_SUFFIXES if (frozen_dir / (stem + s)).exists()), None)
+    return next((stem + s for s in MODEL_SUFFIXES if (frozen_dir / (stem + s)).exists()), None)
+
+
+def _sidecar_models(frozen_dir: Path, rel: str) -> tuple[list[ModelDecl], list[Rejection]]:
+    graph = sidecar_graph(frozen_dir, rel)
     if graph is None:
         # A sidecar may arrive before its graph; it only declares, so wait for the graph.
         return [], []
@@ -155,15 +162,21 @@ def resolve(config: Config) -> Resolution:
         return Resolution(
             (), (Rejection("missing_dir", "frozen_dir does not exist", file=str(frozen_dir)),)
         )
+    broken: set[str] = set()
     for rel in sidecar_files(frozen_dir):
         models, problems = _sidecar_models(frozen_dir, rel)
         decls.extend(models)
         rejections.extend(problems)
+        graph = sidecar_graph(frozen_dir, rel)
+        if problems and graph is not None:
+            # The graph is meant to be declared: neither discover it under its file name nor
+            # drop what it served before.
+            broken.add(graph)
 
     by_signature: dict[str, list[ModelDecl]] = {}
     for decl in decls:
         by_signature.setdefault(decl.signature, []).append(decl)
-    declared_files = {_normalise(d.frozen) for d in decls}
+    declared_files = {_normalise(d.frozen) for d in decls} | broken
     if config.discover:
         for rel in model_files(frozen_dir):
             if rel in declared_files:
@@ -208,7 +221,7 @@ def resolve(config: Config) -> Resolution:
                 origin=decl.origin,
             )
         )
-    return Resolution(tuple(specs), tuple(rejections), frozenset(refused))
+    return Resolution(tuple(specs), tuple(rejections), frozenset(refused), frozenset(broken))
 
 
 def _check_size(path: Path, relpath: str, limit: int) -> Rejection | None:

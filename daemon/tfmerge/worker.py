@@ -44,6 +44,8 @@ _PR_SET_PDEATHSIG = 1
 class WorkerError(Exception):
     """A build that ended without a result. ``transient`` ones are worth a retry."""
 
+    outcome = "error"
+
     def __init__(self, kind: str, message: str, *, transient: bool) -> None:
         super().__init__(message)
         self.kind = kind
@@ -52,6 +54,9 @@ class WorkerError(Exception):
 
 class BuildAborted(Exception):
     """The supervisor was asked to stop while a build ran; the child was ended."""
+
+    #: The build_finished outcome of a build that ended this way.
+    outcome = "aborted"
 
 
 @dataclass(frozen=True)

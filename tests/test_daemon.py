@@ -155,6 +155,20 @@ def test_sighup_reloads_and_a_bad_config_keeps_the_old_one(
             "build_finished", since=mark, where=lambda e: e["outcome"] == "published"
         )
         assert finished["added"] == ["m1"]
+
+        # Editing the file reloads too, once, after the writes have settled.
+        mark = daemon.mark()
+        project.add(models["m2"], "m2.pb")
+        entries = [model_entry(f"m{i}", f"m{i}.pb", models[f"m{i}"]) for i in range(3)]
+        project.configure(entries)
+        with project.config.open("a") as handle:
+            handle.write("\n# touched in a second write\n")
+        finished = daemon.wait_for(
+            "build_finished", since=mark, where=lambda e: e["outcome"] == "published"
+        )
+        assert finished["added"] == ["m2"]
+        assert len(daemon.named("config_changed", mark)) == 1
+        assert len(daemon.named("config_reloaded", mark)) == 1
         assert daemon.stop() == exitcodes.OK
 
 

@@ -208,3 +208,12 @@ def test_publish_refuses_to_overwrite_and_history_is_newest_first(tmp_path: Path
     )
     assert (tmp_path / "exported_models").read_text() == "a\n"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_folders_must_not_nest_or_coincide(tmp_path: Path) -> None:
+    text = 'frozen_dir = "../f"\nserving_dir = "../f/serving"\nstate_dir = "../f"\n'
+    with pytest.raises(ConfigError) as caught:
+        config_module.load(write_config(tmp_path, text))
+    problems = [str(p) for p in caught.value.problems]
+    assert any(p.startswith("state_dir: must differ from frozen_dir") for p in problems), problems
+    assert any(p.startswith("serving_dir: must not be inside frozen_dir") for p in problems), problems

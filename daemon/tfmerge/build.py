@@ -347,14 +347,15 @@ def _write_manifest(
 
 
 def _sources(models: Sequence[AcceptedModel]) -> list[dict[str, Any]]:
-    by_sha: dict[str, dict[str, Any]] = {}
+    """One entry per input file (two files with the same bytes are two entries)."""
+    by_file: dict[tuple[str, str], dict[str, Any]] = {}
     for model in models:
-        entry = by_sha.setdefault(
-            model.sha256,
+        entry = by_file.setdefault(
+            (model.relpath, model.sha256),
             {"file": model.relpath, "sha256": model.sha256, "size": model.size, "signatures": []},
         )
         entry["signatures"].append(model.signature)
-    return sorted(by_sha.values(), key=lambda e: (e["file"], e["sha256"]))
+    return sorted(by_file.values(), key=lambda e: (e["file"], e["sha256"]))
 
 
 def check_all(config: Config) -> list[Rejection]:
@@ -384,5 +385,7 @@ def check_all(config: Config) -> list[Rejection]:
             file=spec.relpath,
             sha256=checked.model.sha256,
         )
-    log.info("check_finished", accepted=accepted, rejected=[r.as_dict() for r in rejections])
+    (log.warning if rejections else log.info)(
+        "check_finished", accepted=accepted, rejected=[r.as_dict() for r in rejections]
+    )
     return rejections

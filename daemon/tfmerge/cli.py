@@ -131,6 +131,9 @@ def _inspect(path: Path, *, as_json: bool) -> int:
     placeholders = {k: graphs.tensor_sig(graph, n).as_dict() for k, n in inputs.items()}
     candidates = {k: graphs.tensor_sig(graph, n).as_dict() for k, n in outputs.items()}
     ops = Counter(node.op for node in graph_def.node)
+    from tfmerge import oppolicy
+
+    violations = oppolicy.find_violations(graphs.op_triples(graph_def))
     report: dict[str, Any] = {
         "file": str(path),
         "size": len(data),
@@ -141,6 +144,7 @@ def _inspect(path: Path, *, as_json: bool) -> int:
         "placeholders": placeholders,
         "candidate_outputs": candidates,
         "initializers": graphs.initializer_nodes(graph_def),
+        "refused_ops": oppolicy.describe(violations) or None,
         "entry": _entry_toml(path, inputs, outputs),
     }
     if as_json:
@@ -160,6 +164,8 @@ def _inspect(path: Path, *, as_json: bool) -> int:
             "table initializers (run when the merged model loads): "
             + ", ".join(report["initializers"])
         )
+    if report["refused_ops"]:
+        print(f"refused by the default op policy: {report['refused_ops']}")
     print("\n# ready to paste into the config (or into a sidecar " + f"{path.stem}.toml):")
     print(report["entry"], end="")
     return exitcodes.OK

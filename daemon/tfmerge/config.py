@@ -86,7 +86,7 @@ class ServingSettings:
     #: e.g. "127.0.0.1:8500", for `tfmerge smoke` over gRPC.
     grpc_target: str | None = None
     #: The name TensorFlow Serving serves serving_dir under (--model_name).
-    model_name: str = "default"
+    model_name: str = "model"
     #: How long a new version may take to become AVAILABLE before it counts as failed.
     live_timeout_seconds: float = 300.0
     #: On a failed version: move it out of serving_dir, republish the last live version.
@@ -318,13 +318,8 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     folders_given = len(problems) == 0 or not any(
         p.key in ("frozen_dir", "serving_dir", "state_dir") for p in problems
     )
-    for name, folder in (("frozen_dir", frozen_dir), ("serving_dir", serving_dir)):
-        if not folders_given:
-            break
-        if folder == state_dir:
-            problems.append(Problem("state_dir", f"must differ from {name}"))
-    if folders_given and frozen_dir == serving_dir:
-        problems.append(Problem("serving_dir", "must differ from frozen_dir"))
+    if folders_given:
+        problems.extend(_overlapping_folders(frozen_dir, serving_dir, state_dir))
     problems.extend(_duplicate_signatures(models))
     if problems:
         raise ConfigError(path, problems)
@@ -347,6 +342,21 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     )
 
 
+def _overlapping_folders(frozen_dir: Path, serving_dir: Path, state_dir: Path) -> list[Problem]:
+    """The three folders must be apart: discovery would read versions or state as inputs."""
+    folders = {"frozen_dir": frozen_dir, "serving_dir": serving_dir, "state_dir": state_dir}
+    problems = []
+    for name, folder in folders.items():
+        for other_name, other in folders.items():
+            if name == other_name:
+                continue
+            if folder == other and name < other_name:
+                problems.append(Problem(other_name, f"must differ from {name} ({folder})"))
+            elif folder != other and folder.is_relative_to(other):
+                problems.append(Problem(name, f"must not be inside {other_name} ({other})"))
+    return problems
+
+
 def _serving(table: _Table) -> ServingSettings:
     rest_url = table.string("rest_url")
     if rest_url is not None and not rest_url.startswith(("http://", "https://")):
@@ -357,7 +367,7 @@ def _serving(table: _Table) -> ServingSettings:
     settings = ServingSettings(
         rest_url=rest_url.rstrip("/") if rest_url else None,
         grpc_target=grpc_target,
-        model_name=table.string("model_name", "default"),
+        model_name=table.string("model_name", "model"),
         live_timeout_seconds=float(table.number("live_timeout_seconds", 300.0, minimum=1.0)),
         rollback_on_failure=table.boolean("rollback_on_failure", True),
     )

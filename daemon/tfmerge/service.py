@@ -52,6 +52,7 @@ class Daemon:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stop_requests = 0
         self._reload_requested = False
+        self._reload_due: float | None = None
         self._debouncer = Debouncer(config.watch.quiet_seconds, config.watch.max_wait_seconds)
         self._watcher: FolderWatcher | None = None
         self._warm: Worker | None = None
@@ -140,17 +141,25 @@ class Daemon:
         while self._changes:
             change = self._changes.popleft()
             if Path(change.path) == self.config.path:
-                self.log.info("config_changed", path=change.path, kind=change.kind)
-                self._reload_requested = True
+                # Editors and scp write in several steps: reload once the file is quiet.
+                if self._reload_due is None:
+                    self.log.info("config_changed", path=change.path, kind=change.kind)
+                self._reload_due = now + self.config.watch.quiet_seconds
                 continue
             self._debouncer.add(change, now)
+        if self._reload_due is not None and now >= self._reload_due:
+            self._reload_due = None
+            self._reload_requested = True
         if self._reload_requested:
             return
         flush = self._debouncer.poll(now, self._stat)
         if flush is not None:
             self._settled(flush, now)
             return
-        self._sleep_until(self._debouncer.next_deadline())
+        deadlines = [
+            d for d in (self._debouncer.next_deadline(), self._reload_due) if d is not None
+        ]
+        self._sleep_until(min(deadlines) if deadlines else None)
 
     def _sleep_until(self, deadline: float | None) -> None:
         timeout = None if deadline is None else max(0.0, deadline - self.clock())
@@ -201,6 +210,7 @@ class Daemon:
             "batch_settled",
             paths=sorted(flush.paths),
             reason=flush.reason,
+            still_writing=sorted(flush.still_writing),
             settle_seconds=round(settle, 3),
         )
         self._build(trigger=flush.reason, settle_seconds=settle, last_change=flush.last_change)
@@ -337,6 +347,7 @@ class Daemon:
 
     def _reload(self) -> None:
         self._reload_requested = False
+        self._reload_due = None  # this reload reads the file as it is now
         self.notifier.reloading("reloading configuration")
         try:
             config = load_config(self.config.path)
@@ -350,10 +361,25 @@ class Daemon:
             self.notifier.ready(self._status_text())
             return
         old = self.config
+        if config.state_dir != old.state_dir:
+            self.log.error(
+                "config_reload_failed",
+                path=str(config.path),
+                problems=["state_dir: cannot change while the daemon runs (it holds the lock)"],
+                reason="the previous configuration stays in force; restart to move state_dir",
+            )
+            self.notifier.ready(self._status_text())
+            return
         self.config = config
         logs.configure(fmt=config.log.format, level=config.log.level)
         self.log = get_logger()
         self.log.info("config_reloaded", path=str(config.path))
+        if config.metrics != old.metrics:
+            self.log.warning(
+                "config_restart_needed",
+                keys=["metrics.listen"],
+                reason="the metrics endpoint keeps its address until the daemon restarts",
+            )
         if (config.watch,) != (old.watch,):
             self._debouncer = Debouncer(config.watch.quiet_seconds, config.watch.max_wait_seconds)
         if config.frozen_dir != old.frozen_dir:

@@ -7,7 +7,10 @@ Layout (all written atomically: temporary file, fsync, rename, fsync of the fold
     state_dir/rejected.json                the inputs refused by the last build
     state_dir/last_build.json              fingerprint of what the last build saw on disk
     state_dir/hold.json                    set by rollback: do not rebuild these inputs
+    state_dir/live.json                    the last version TensorFlow Serving reported live
     state_dir/failed/<N>                   versions moved out of the serving folder
+    state_dir/tfmerge.lock                 held by the running daemon (one per state folder)
+    state_dir/publish.lock                 held while a version is renamed into place
 
 No TensorFlow here.
 """

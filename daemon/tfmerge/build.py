@@ -10,8 +10,9 @@ import contextlib
 import ctypes
 import json
 import os
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from tfmerge.logs import get_logger
 from tfmerge.publish import MANIFEST
 from tfmerge.results import BuildResult
 from tfmerge.specs import ModelSpec, Rejection, Resolution, fingerprint, spec_key
+from tfmerge.specs import raw_fingerprint as raw_fingerprint_of
 from tfmerge.store import AcceptedModel, Store
 
 # TensorFlow's C++ start-up chatter (CUDA probing, CPU features) is noise on a CPU host;
@@ -66,12 +68,37 @@ def _check_model(
     size = len(data)
     suffix = ".pbtxt" if spec.relpath.endswith(".pbtxt") else ".pb"
     source = path
+    copy: _Background | None = None
     if store is not None and not kept:
-        # Kept now, so the bytes need not stay in memory; a refused file's copy is collected
-        # with the other unused ones after the next publish.
-        store.write_blob(sha256, suffix, data)
+        # Copied while the graph is checked (the write releases the GIL). A refused file's copy
+        # is collected with the other unused ones after the next publish.
+        copy = _Background(store.write_blob, sha256, suffix, data)
         source = store.blob_path(sha256, suffix)
     del data
+    # Handed over in a list so that _check_parsed can drop the last reference to it.
+    parsed = [graph_def]
+    del graph_def
+    try:
+        return _check_parsed(
+            spec, parsed, config, kept=kept, log=log, sha256=sha256, size=size, source=source
+        )
+    finally:
+        if copy is not None:
+            copy.join()
+
+
+def _check_parsed(
+    spec: ModelSpec,
+    parsed: list[Any],
+    config: Config,
+    *,
+    kept: bool,
+    log: Any,
+    sha256: str,
+    size: int,
+    source: Path,
+) -> _Checked:
+    graph_def = parsed.pop()
     graphs.check_ops(graph_def, config.allow_ops)
     light, constants = graphs.split_large_constants(graph_def)
     init_nodes = graphs.initializer_nodes(graph_def)
@@ -134,6 +161,27 @@ def _check_model(
         },
     )
     return _Checked(model, source, init_nodes, input_sigs, output_sigs, feeds, expected)
+
+
+class _Background:
+    """Run one call in a thread; join() waits for it and raises what it raised."""
+
+    def __init__(self, function: Callable[..., object], *args: object) -> None:
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                function(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the joining thread
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name="tfmerge-copy")
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _release_memory() -> None:
@@ -215,19 +263,36 @@ def run_build(
         if kept is not None:
             checked.append(kept)
     checked.sort(key=lambda c: c.model.signature)
+    if raw_fingerprint is None:
+        digests = {c.model.relpath: c.model.sha256 for c in checked if not c.model.kept}
+        raw_fingerprint = raw_fingerprint_of(config, resolution, digests)
     check_seconds = time.monotonic() - started
     timings: dict[str, float] = {"check": round(check_seconds, 4)}
     models = tuple(c.model for c in checked)
     if not checked:
         return BuildResult(
-            build_id, "empty", None, None, models, tuple(rejections), timings=timings
+            build_id,
+            "empty",
+            None,
+            None,
+            models,
+            tuple(rejections),
+            timings=timings,
+            raw_fingerprint=raw_fingerprint,
         )
     digest = fingerprint(
         ({**spec_key_of(c.model), "sha256": c.model.sha256} for c in checked), config
     )
     if digest == newest_fingerprint:
         return BuildResult(
-            build_id, "unchanged", None, digest, models, tuple(rejections), timings=timings
+            build_id,
+            "unchanged",
+            None,
+            digest,
+            models,
+            tuple(rejections),
+            timings=timings,
+            raw_fingerprint=raw_fingerprint,
         )
 
     merge_started = time.monotonic()
@@ -258,6 +323,7 @@ def run_build(
             tuple(rejections),
             tuple((m.signature, m.reason) for m in mismatches),
             timings,
+            raw_fingerprint=raw_fingerprint,
         )
     warmup_records = warmup.write(staging, config.serving.model_name, feeds, aliases, log)
     stats_record = {**asdict(stats), "warmup_requests": warmup_records, "aliases": aliases}
@@ -272,6 +338,7 @@ def run_build(
         (),
         timings,
         asdict(stats),
+        raw_fingerprint=raw_fingerprint,
     )
 
 

@@ -105,7 +105,9 @@ def run_once(
     started = time.monotonic()
     config.serving_dir.mkdir(parents=True, exist_ok=True)
     resolution = specs.resolve(config)
-    raw = specs.raw_fingerprint(config, resolution)
+    # Hashing every file costs a read of all inputs: only the start-up check needs it before
+    # the build; otherwise the worker derives the same fingerprint from the bytes it reads.
+    raw = specs.raw_fingerprint(config, resolution) if skip_unchanged_files else None
     newest_version, manifest = newest_manifest(config)
     log.info("build_started", trigger=trigger, models=len(resolution.specs), newest=newest_version)
     if skip_unchanged_files and raw == manifest.get("raw_fingerprint") and raw:
@@ -144,7 +146,7 @@ def run_once(
     durations["total"] = round(time.monotonic() - started, 4)
     store.record_last_build(
         {
-            "raw_fingerprint": raw,
+            "raw_fingerprint": raw or result.raw_fingerprint,
             "outcome": outcome,
             "build_id": build_id,
             "high_water": max(version or 0, high_water(store), newest_version or 0),

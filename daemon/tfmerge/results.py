@@ -29,3 +29,5 @@ class BuildResult:
     mismatches: tuple[tuple[str, str], ...] = ()
     timings: Mapping[str, float] = field(default_factory=dict)
     stats: Mapping[str, Any] = field(default_factory=dict)
+    #: Fingerprint of the files as read (specs.raw_fingerprint), for the next start-up check.
+    raw_fingerprint: str | None = None

@@ -267,12 +267,18 @@ def fingerprint(entries: Iterable[Mapping[str, Any]], config: Config) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def raw_fingerprint(config: Config, resolution: Resolution) -> str:
-    """The fingerprint of what is on disk now, computed without TensorFlow (hashes every file)."""
+def raw_fingerprint(
+    config: Config, resolution: Resolution, digests: Mapping[str, str] | None = None
+) -> str:
+    """The fingerprint of what is on disk now, computed without TensorFlow.
+
+    ``digests`` (relpath -> sha256) are files already hashed; every other file is hashed here.
+    """
     entries = []
+    known = digests or {}
     for spec in resolution.specs:
         try:
-            digest = file_sha256(config.frozen_dir / spec.relpath)
+            digest = known.get(spec.relpath) or file_sha256(config.frozen_dir / spec.relpath)
         except OSError as exc:
             digest = f"unreadable:{exc.errno}"
         entries.append({**spec_key(spec), "sha256": digest})

@@ -216,4 +216,6 @@ def test_folders_must_not_nest_or_coincide(tmp_path: Path) -> None:
         config_module.load(write_config(tmp_path, text))
     problems = [str(p) for p in caught.value.problems]
     assert any(p.startswith("state_dir: must differ from frozen_dir") for p in problems), problems
-    assert any(p.startswith("serving_dir: must not be inside frozen_dir") for p in problems), problems
+    assert any(p.startswith("serving_dir: must not be inside frozen_dir") for p in problems), (
+        problems
+    )

@@ -77,5 +77,11 @@ def follow(config: Config, version: int, log: Any, wait: Callable[[float], bool]
             seconds=round(again.seconds, 3),
         )
     else:
-        log.warning("version_unconfirmed", version=restored, reason=again.reason)
+        log.warning(
+            "version_unconfirmed",
+            version=restored,
+            state=again.state,
+            reason=again.reason,
+            seconds=round(again.seconds, 3),
+        )
     return fields

@@ -125,11 +125,26 @@ def run_once(
         outcome, version, fields = _conclude(
             config, store, staging, result, newest_version, log, wait=wait or _sleep
         )
+        if _lacks_default(config, result, log if warn_no_default else None):
+            fields["no_default_signature"] = True
+        durations = fields["durations"]
+        if settle_seconds is not None:
+            durations["settle"] = round(settle_seconds, 4)
+        durations["total"] = round(time.monotonic() - started, 4)
+        store.record_last_build(
+            {
+                "raw_fingerprint": raw or result.raw_fingerprint,
+                "outcome": outcome,
+                "build_id": build_id,
+                "high_water": max(version or 0, high_water(store), newest_version or 0),
+            }
+        )
     except BaseException as exc:
         # Every build_started gets its build_finished, also when the build never returned.
-        log.error(
+        ending = getattr(exc, "outcome", "error")
+        (log.warning if ending == "aborted" else log.error)(
             "build_finished",
-            outcome=getattr(exc, "outcome", "error"),
+            outcome=ending,
             version=None,
             reason=str(exc) or type(exc).__name__,
             durations={"total": round(time.monotonic() - started, 4)},
@@ -138,20 +153,6 @@ def run_once(
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    if _lacks_default(config, result, log if warn_no_default else None):
-        fields["no_default_signature"] = True
-    durations = fields["durations"]
-    if settle_seconds is not None:
-        durations["settle"] = round(settle_seconds, 4)
-    durations["total"] = round(time.monotonic() - started, 4)
-    store.record_last_build(
-        {
-            "raw_fingerprint": raw or result.raw_fingerprint,
-            "outcome": outcome,
-            "build_id": build_id,
-            "high_water": max(version or 0, high_water(store), newest_version or 0),
-        }
-    )
     rejected = len(result.rejections)
     clean = outcome in ("published", "unchanged") and not rejected and fields.get("live", True)
     summary = {k: v for k, v in fields.items() if k != "published_at"}

@@ -77,7 +77,9 @@ def republish(
             store.record_accepted(AcceptedModel.from_dict(m) for m in signatures.values())
             # The inputs now on disk are what was rolled back: the daemon must not rebuild them.
             store.set_hold(specs.raw_fingerprint(config, specs.resolve(config)))
-            pruned = publish.prune(config.serving_dir, config.keep_versions, protect=[version])
+            live = store.live()
+            protect = [version] if live is None else [version, live]
+            pruned = publish.prune(config.serving_dir, config.keep_versions, protect=protect)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -122,8 +122,9 @@ class Daemon:
         try:
             if not self.stopping:
                 self._build(trigger="startup", skip_unchanged_files=True)
-            self.notifier.ready(self._status_text())
-            self.log.info("daemon_ready", version=self.serving_version)
+            if not self.stopping:
+                self.notifier.ready(self._status_text())
+                self.log.info("daemon_ready", version=self.serving_version)
             while not self.stopping:
                 self._step()
         finally:
@@ -378,7 +379,7 @@ class Daemon:
             self.log.warning(
                 "config_restart_needed",
                 keys=["metrics.listen"],
-                reason="the metrics endpoint keeps its address until the daemon restarts",
+                reason="the metrics endpoint is started, moved or stopped only by a restart",
             )
         if (config.watch,) != (old.watch,):
             self._debouncer = Debouncer(config.watch.quiet_seconds, config.watch.max_wait_seconds)

@@ -167,7 +167,7 @@ class Worker:
         while True:
             if should_abort():
                 self.stop()
-                raise BuildAborted
+                raise BuildAborted("the daemon is stopping")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.stop()

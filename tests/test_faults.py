@@ -147,14 +147,20 @@ def test_worker_killed_at_random_moments(
             for pid in daemon.worker_pids():
                 os.kill(pid, signal.SIGKILL)
                 killed += 1
-            finished = daemon.wait_for("build_finished", since=mark, timeout=180)
+            # A killed try ends with build_finished outcome error and is retried; the build
+            # itself must still end published (or unchanged, when the kill came after it).
+            finished = daemon.wait_for(
+                "build_finished",
+                since=mark,
+                where=lambda e: e["outcome"] != "error",
+                timeout=180,
+            )
             assert finished["outcome"] in ("published", "unchanged")
             assert not [p for p in project.serving.iterdir() if p.name.startswith(".staging")]
             assert_only_complete_versions(project)
         assert killed >= CYCLES // 2, "too few kills landed during a build to mean anything"
-        assert daemon.named("worker_crashed") == [] or all(
-            e["transient"] for e in daemon.named("worker_crashed")
-        )
+        # Each crash was retried to success: no build gave up.
+        assert daemon.named("worker_crashed") == []
         assert daemon.named("build_retry")
         newest = max(versions(project.serving))
         wait_until(lambda: poller.has_loaded(newest), timeout=60)

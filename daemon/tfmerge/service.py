@@ -53,6 +53,7 @@ class Daemon:
         self._stop_requests = 0
         self._reload_requested = False
         self._reload_due: float | None = None
+        self._loaded_config_key = self._config_key()
         self._debouncer = Debouncer(config.watch.quiet_seconds, config.watch.max_wait_seconds)
         self._watcher: FolderWatcher | None = None
         self._warm: Worker | None = None
@@ -142,6 +143,8 @@ class Daemon:
         while self._changes:
             change = self._changes.popleft()
             if Path(change.path) == self.config.path:
+                if self._config_key() == self._loaded_config_key:
+                    continue  # an event about the file as last loaded (say, after a SIGHUP)
                 # Editors and scp write in several steps: reload once the file is quiet.
                 if self._reload_due is None:
                     self.log.info("config_changed", path=change.path, kind=change.kind)
@@ -346,9 +349,18 @@ class Daemon:
 
     # --- reload and shutdown --------------------------------------------------------------
 
+    def _config_key(self) -> tuple[int, int, int] | None:
+        """The config file's identity and content stamp, to skip events about what is loaded."""
+        try:
+            st = self.config.path.stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
     def _reload(self) -> None:
         self._reload_requested = False
         self._reload_due = None  # this reload reads the file as it is now
+        self._loaded_config_key = self._config_key()
         self.notifier.reloading("reloading configuration")
         try:
             config = load_config(self.config.path)

@@ -1,3 +1,3 @@
-from tfmerge.cli import main
+from tfmerge.cli import entry_point
 
-raise SystemExit(main())
+entry_point()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -280,5 +281,19 @@ def _rollback(config: Config, target: int | None) -> int:
     return rollback.rollback(config, target)
 
 
+def entry_point() -> None:
+    """The ``tfmerge`` console command.
+
+    A process that imported TensorFlow spends about a second tearing it down at exit, after
+    all its work is done and logged; such a process ends at once instead.
+    """
+    code = main()
+    if "tensorflow" in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry_point()

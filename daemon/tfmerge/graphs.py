@@ -152,16 +152,33 @@ def initializer_nodes(graph_def: Any) -> list[str]:
 LARGE_CONSTANT_BYTES = 1 << 20
 
 
+_TYPED_VALUE_FIELDS = (
+    "float_val", "double_val", "int_val", "string_val", "scomplex_val", "int64_val",
+    "bool_val", "dcomplex_val", "half_val", "resource_handle_val", "variant_val",
+    "uint32_val", "uint64_val",
+)  # fmt: skip
+
+
 def is_large_constant(node: Any) -> bool:
-    if node.op != "Const":
+    """A numeric Const whose bytes, all in tensor_content, reach LARGE_CONSTANT_BYTES.
+
+    Decided from the shape and dtype: reading tensor_content would copy all of its bytes.
+    """
+    if node.op != "Const" or "value" not in node.attr:
         return False
     value = node.attr["value"].tensor
-    if len(value.tensor_content) < LARGE_CONSTANT_BYTES:
-        return False
     import tensorflow as tf
 
     dtype = tf.dtypes.as_dtype(value.dtype)
-    return dtype != tf.string and not dtype.is_quantized
+    if dtype == tf.string or dtype.is_quantized or value.tensor_shape.unknown_rank:
+        return False
+    elements = 1
+    for dim in value.tensor_shape.dim:
+        elements *= max(dim.size, 0)
+    if elements * dtype.size < LARGE_CONSTANT_BYTES:
+        return False
+    # A constant written as typed values (a splat of one value, say) has no tensor_content.
+    return not any(len(getattr(value, field)) for field in _TYPED_VALUE_FIELDS)
 
 
 def constant_array(node: Any) -> np.ndarray:

@@ -1,0 +1,245 @@
+"""Where ``tfmerge build`` spends its time and memory, step by step, in one process.
+
+Usage: ``python -m bench.profile_build SET_DIR WORK_DIR [--cprofile FILE] [--no-grappler]``.
+Runs the same build as ``tfmerge build`` (``pipeline.run_once`` with ``build.run_build``) with
+its steps wrapped from the outside: wall time, the process's peak resident memory during the
+step (VmHWM, reset on entry through /proc/self/clear_refs) and the peak of Python's own heap
+(tracemalloc; protobuf and TensorFlow allocate outside it). Steps nest; every number is
+inclusive of the steps inside it. The last line on stdout is JSON.
+
+``--no-grappler`` is an experiment, not tfmerge's behaviour: every session is created with
+TensorFlow's graph optimizer turned off, to show what the optimizer costs on these graphs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import functools
+import io
+import json
+import os
+import pstats
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+_CLEAR_REFS_RESET_PEAK = "5"
+
+
+def _status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text(_CLEAR_REFS_RESET_PEAK)
+
+
+@dataclass
+class _Frame:
+    step: str
+    peak_rss: int = 0
+    py_peak: int = 0
+
+
+@dataclass
+class Step:
+    name: str
+    depth: int
+    calls: int = 0
+    seconds: float = 0.0
+    peak_rss: int = 0
+    py_peak: int = 0
+    rss_before: int = 0
+
+
+@dataclass
+class Recorder:
+    steps: dict[str, Step] = field(default_factory=dict)
+    stack: list[_Frame] = field(default_factory=list)
+
+    def _fold_into_outer(self) -> None:
+        """Before a nested step resets the peaks, the enclosing step keeps what it saw."""
+        if self.stack:
+            outer = self.stack[-1]
+            outer.peak_rss = max(outer.peak_rss, _status("VmHWM"))
+            outer.py_peak = max(outer.py_peak, tracemalloc.get_traced_memory()[1])
+
+    def _timed_in_background(
+        self, name: str, function: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        """A step in another thread overlaps the main thread's steps: only its time is its own.
+
+        Resetting the process's peaks from here would corrupt the main thread's numbers.
+        """
+        step = self.steps.setdefault(name, Step(f"{name} (background thread)", 1))
+        step.peak_rss = step.py_peak = step.rss_before = -1
+        started = time.monotonic()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            step.seconds += time.monotonic() - started
+            step.calls += 1
+
+    def wrap(self, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if threading.current_thread() is not threading.main_thread():
+                return self._timed_in_background(name, function, *args, **kwargs)
+            self._fold_into_outer()
+            step = self.steps.setdefault(name, Step(name, len(self.stack)))
+            # A step reached at several depths is shown at the shallowest.
+            step.depth = min(step.depth, len(self.stack))
+            if step.calls == 0:
+                step.rss_before = _status("VmRSS")
+            frame = _Frame(name)
+            self.stack.append(frame)
+            _reset_peak_rss()
+            tracemalloc.reset_peak()
+            started = time.monotonic()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                step.seconds += time.monotonic() - started
+                step.calls += 1
+                self.stack.pop()
+                frame.peak_rss = max(frame.peak_rss, _status("VmHWM"))
+                frame.py_peak = max(frame.py_peak, tracemalloc.get_traced_memory()[1])
+                step.peak_rss = max(step.peak_rss, frame.peak_rss)
+                step.py_peak = max(step.py_peak, frame.py_peak)
+                if self.stack:
+                    outer = self.stack[-1]
+                    outer.peak_rss = max(outer.peak_rss, frame.peak_rss)
+                    outer.py_peak = max(outer.py_peak, frame.py_peak)
+
+        return wrapper
+
+
+#: (module, attribute, step name), outermost first. A step the engine no longer has is skipped
+#: and reported as such: the engine changes faster than this list.
+_STEPS = (
+    ("tfmerge.specs", "raw_fingerprint", "fingerprint the input files (sha256)"),
+    ("tfmerge.build", "run_build", "worker side (check + merge + verify)"),
+    ("tfmerge.graphs", "read_graph_def", "check: read, sha256, parse"),
+    ("tfmerge.store", "Store.write_blob", "check: keep a copy in state_dir"),
+    ("tfmerge.graphs", "check_ops", "check: op policy"),
+    ("tfmerge.graphs", "split_large_constants", "check: set large constants aside"),
+    ("tfmerge.graphs", "import_graph", "check: import into a tf.Graph"),
+    ("tfmerge.graphs", "run_graph", "check: run the source on the probe"),
+    ("tfmerge.build", "_release_memory", "check: release memory (gc, malloc_trim)"),
+    ("tfmerge.merge", "merge", "merge: whole"),
+    ("tfmerge.merge", "_merge_unit", "merge: parse, rename, serialise one graph"),
+    ("tfmerge.merge", "_externalise", "merge: constants to variables"),
+    ("tfmerge.merge", "_VariableWriter.flush", "merge: write a variables shard"),
+    ("tfmerge.merge", "_VariableWriter.finish", "merge: merge the variables shards"),
+    ("tfmerge.merge", "_fsync_write", "merge: write saved_model.pb"),
+    ("tfmerge.verify", "verify", "verify: load and run every signature"),
+    ("tensorflow.compat.v1.saved_model.loader", "load", "verify: SavedModel loader"),
+    ("tfmerge.publish", "publish", "publish: fsync and rename"),
+)
+
+
+def _instrument(recorder: Recorder) -> list[str]:
+    """Wrap every step; returns the steps not found."""
+    import importlib
+
+    import tensorflow as tf
+
+    missing = []
+    for module_name, attribute, name in _STEPS:
+        if module_name.startswith("tensorflow.compat.v1"):
+            owner: Any = tf.compat.v1.saved_model.loader
+        else:
+            owner = importlib.import_module(module_name)
+        *path, leaf = attribute.split(".")
+        for part in path:
+            owner = getattr(owner, part, None)
+        function = getattr(owner, leaf, None) if owner is not None else None
+        if function is None:
+            missing.append(f"{module_name}.{attribute}")
+            continue
+        setattr(owner, leaf, recorder.wrap(name, function))
+    return missing
+
+
+def _disable_grappler() -> None:
+    import tensorflow as tf
+
+    original = tf.compat.v1.Session.__init__
+
+    def init(self: Any, target: str = "", graph: Any = None, config: Any = None) -> None:
+        config = config if config is not None else tf.compat.v1.ConfigProto()
+        config.graph_options.rewrite_options.disable_meta_optimizer = True
+        original(self, target, graph, config)
+
+    tf.compat.v1.Session.__init__ = init
+
+
+def _write_config(set_dir: Path, work: Path) -> Path:
+    from bench.compare import write_tfmerge_config
+
+    return write_tfmerge_config(set_dir, work)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("set_dir", type=Path)
+    parser.add_argument("work", type=Path)
+    parser.add_argument("--cprofile", type=Path)
+    parser.add_argument("--no-grappler", action="store_true")
+    args = parser.parse_args()
+    from tfmerge import logs, pipeline
+    from tfmerge.config import load
+
+    started = time.monotonic()
+    from tfmerge import build  # imports TensorFlow
+
+    import_seconds = time.monotonic() - started
+    config = load(_write_config(args.set_dir, args.work))
+    logs.configure(fmt="json", level="warning", stream=io.StringIO())
+    recorder = Recorder()
+    missing = _instrument(recorder)
+    if args.no_grappler:
+        _disable_grappler()
+    tracemalloc.start()
+    profiler = cProfile.Profile() if args.cprofile else None
+    began = time.monotonic()
+    if profiler is not None:
+        profiler.enable()
+    outcome = pipeline.run_once(config, build.run_build, trigger="profile")
+    if profiler is not None:
+        profiler.disable()
+    total = time.monotonic() - began
+    tracemalloc.stop()
+    top: list[str] = []
+    if profiler is not None and args.cprofile is not None:
+        profiler.dump_stats(args.cprofile)
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(25)
+        top = text.getvalue().splitlines()
+    report = {
+        "outcome": outcome.outcome,
+        "import_seconds": round(import_seconds, 3),
+        "total_seconds": round(total, 3),
+        # Each step reset VmHWM on entry: the run's peak is the largest a step saw.
+        "peak_rss": max([_status("VmHWM"), *(s.peak_rss for s in recorder.steps.values())]),
+        "no_grappler": args.no_grappler,
+        "steps": [vars(step) for step in recorder.steps.values()],
+        "missing_steps": missing,
+        "cprofile_top": top,
+    }
+    print(json.dumps(report))
+    return 0 if outcome.outcome == "published" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -55,7 +55,7 @@ class _Checked:
     expected: dict[str, np.ndarray]
 
 
-def _check_model(
+def check_model(
     spec: ModelSpec,
     path: Path,
     config: Config,
@@ -205,16 +205,8 @@ def _fallback(signature: str, store: Store, config: Config, log: Any) -> _Checke
     if previous is None:
         return None
     blob = store.blob_path(previous.sha256, previous.suffix)
-    spec = ModelSpec(
-        signature=previous.signature,
-        relpath=previous.relpath,
-        inputs=previous.inputs,
-        outputs=previous.outputs,
-        sample=previous.sample,
-        origin=previous.origin,
-    )
     try:
-        checked = _check_model(spec, blob, config, kept=True, log=log)
+        checked = check_model(spec_of(previous), blob, config, kept=True, log=log)
     except ModelRejected as exc:
         log.error("model_dropped", signature=signature, file=previous.relpath, reason=exc.reason)
         return None
@@ -252,7 +244,7 @@ def run_build(
     for spec in resolution.specs:
         try:
             checked.append(
-                _check_model(
+                check_model(
                     spec, config.frozen_dir / spec.relpath, config, kept=False, log=log, store=store
                 )
             )
@@ -361,6 +353,18 @@ def _aliases(config: Config, models: Sequence[AcceptedModel], log: Any) -> dict[
     return {"serving_default": config.default_signature}
 
 
+def spec_of(model: AcceptedModel) -> ModelSpec:
+    """The declaration an accepted model was checked under, to check its kept copy again."""
+    return ModelSpec(
+        signature=model.signature,
+        relpath=model.relpath,
+        inputs=model.inputs,
+        outputs=model.outputs,
+        sample=model.sample,
+        origin=model.origin,
+    )
+
+
 def spec_key_of(model: AcceptedModel) -> dict[str, Any]:
     return spec_key(
         ModelSpec(model.signature, model.relpath, model.inputs, model.outputs, model.sample)
@@ -440,7 +444,7 @@ def check_all(config: Config) -> list[Rejection]:
     accepted = []
     for spec in resolution.specs:
         try:
-            checked = _check_model(
+            checked = check_model(
                 spec, config.frozen_dir / spec.relpath, config, kept=False, log=log
             )
         except ModelRejected as exc:

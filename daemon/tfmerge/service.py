@@ -30,7 +30,7 @@ from tfmerge.logs import get_logger
 from tfmerge.metrics import Metrics
 from tfmerge.notify import Notifier
 from tfmerge.watch import FolderWatcher
-from tfmerge.worker import BuildAborted, Worker, WorkerError, make_request
+from tfmerge.worker import BuildAborted, Worker, WorkerError, drain, make_request
 
 _RETRY_WAIT_MAX_SECONDS = 60.0
 
@@ -172,7 +172,7 @@ class Daemon:
             timeout = interval if timeout is None else min(timeout, interval)
         readable, _, _ = select.select([self._wake_r], [], [], timeout)
         if readable:
-            _drain(self._wake_r)
+            drain(self._wake_r)
 
     def _wait(self, seconds: float) -> bool:
         """Sleep, cut short by a stop request; False when the daemon is stopping."""
@@ -190,7 +190,7 @@ class Daemon:
                 [self._wake_r], [], [], max(0.0, min(limit, interval or limit))
             )
             if readable:
-                _drain(self._wake_r)
+                drain(self._wake_r)
 
     def _ping_watchdog(self) -> None:
         interval = self.notifier.watchdog_interval
@@ -448,14 +448,6 @@ class _StopWhen(tenacity.stop.stop_base):
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
         return self._predicate()
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass
 
 
 def run_daemon(config: Config) -> int:

@@ -214,9 +214,8 @@ def _probe(
     model: AcceptedModel, config: Config, log: Any
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The probe input of a published signature and what its source graph answers to it."""
-    from tfmerge.build import _check_model
+    from tfmerge.build import check_model, spec_of
     from tfmerge.graphs import ModelRejected
-    from tfmerge.specs import ModelSpec
 
     blob = Store(config.state_dir).blob_path(model.sha256, model.suffix)
     if not blob.is_file():
@@ -224,16 +223,8 @@ def _probe(
             f"the checked copy of {model.relpath} (sha256 {model.sha256[:12]}) "
             f"is gone from {blob.parent}, so there is nothing to compare with"
         )
-    spec = ModelSpec(
-        signature=model.signature,
-        relpath=model.relpath,
-        inputs=model.inputs,
-        outputs=model.outputs,
-        sample=model.sample,
-        origin=model.origin,
-    )
     try:
-        checked = _check_model(spec, blob, config, kept=True, log=log)
+        checked = check_model(spec_of(model), blob, config, kept=True, log=log)
     except ModelRejected as exc:
         raise _Failure(f"its source cannot be run: {exc.reason}") from exc
     if checked.model.sha256 != model.sha256:

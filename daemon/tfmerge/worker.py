@@ -177,7 +177,7 @@ class Worker:
             limit = on_wait()
             ready = wait(watch, timeout=remaining if limit is None else min(remaining, limit))
             if wake_fd is not None and wake_fd in ready:
-                _drain(wake_fd)
+                drain(wake_fd)
             if self._conn in ready:
                 message = self._receive()
                 if message is None:
@@ -228,7 +228,8 @@ class Worker:
         self._conn.close()
 
 
-def _drain(fd: int) -> None:
+def drain(fd: int) -> None:
+    """Empty a non-blocking wake-up pipe."""
     try:
         while os.read(fd, 4096):
             pass

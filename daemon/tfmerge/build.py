@@ -277,7 +277,7 @@ def run_build(
             raw_fingerprint=raw_fingerprint,
         )
     digest = fingerprint(
-        ({**spec_key_of(c.model), "sha256": c.model.sha256} for c in checked), config
+        ({**spec_key(spec_of(c.model)), "sha256": c.model.sha256} for c in checked), config
     )
     if digest == newest_fingerprint:
         return BuildResult(
@@ -362,12 +362,6 @@ def spec_of(model: AcceptedModel) -> ModelSpec:
         outputs=model.outputs,
         sample=model.sample,
         origin=model.origin,
-    )
-
-
-def spec_key_of(model: AcceptedModel) -> dict[str, Any]:
-    return spec_key(
-        ModelSpec(model.signature, model.relpath, model.inputs, model.outputs, model.sample)
     )
 
 

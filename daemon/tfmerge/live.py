@@ -15,32 +15,28 @@ from tfmerge.config import Config
 from tfmerge.store import Store
 
 
+def _report(result: serving.LiveResult, version: int, store: Store, log: Any) -> None:
+    """One event for the outcome of a wait: live, unconfirmed (no verdict) or failed."""
+    seconds = round(result.seconds, 3)
+    if result.live:
+        store.record_live(version, result.seconds)
+        log.info("version_live", version=version, seconds=seconds)
+        return
+    event, method = (
+        ("version_unconfirmed", log.warning)
+        if result.interrupted
+        else ("version_failed", log.error)
+    )
+    method(event, version=version, state=result.state, reason=result.reason, seconds=seconds)
+
+
 def follow(config: Config, version: int, log: Any, wait: Callable[[float], bool]) -> dict[str, Any]:
     """Wait for version to go live; on failure roll back. Returns fields for the summary line."""
     store = Store(config.state_dir)
     result = serving.wait_until_live(config.serving, version, wait=wait)
     fields: dict[str, Any] = {"live": result.live, "live_seconds": round(result.seconds, 3)}
-    if result.live:
-        store.record_live(version, result.seconds)
-        log.info("version_live", version=version, seconds=round(result.seconds, 3))
-        return fields
-    if result.interrupted:
-        log.warning(
-            "version_unconfirmed",
-            version=version,
-            state=result.state,
-            reason=result.reason,
-            seconds=round(result.seconds, 3),
-        )
-        return fields
-    log.error(
-        "version_failed",
-        version=version,
-        state=result.state,
-        reason=result.reason,
-        seconds=round(result.seconds, 3),
-    )
-    if not config.serving.rollback_on_failure:
+    _report(result, version, store, log)
+    if result.live or result.interrupted or not config.serving.rollback_on_failure:
         return fields
     moved = publish.move_out(config.serving_dir, version, config.state_dir / "failed")
     log.warning("version_moved_out", version=version, path=str(moved))
@@ -64,24 +60,5 @@ def follow(config: Config, version: int, log: Any, wait: Callable[[float], bool]
         log.error("rollback_failed", version=version, reason=str(exc))
         return fields
     fields["restored"] = restored
-    again = serving.wait_until_live(config.serving, restored, wait=wait)
-    if again.live:
-        store.record_live(restored, again.seconds)
-        log.info("version_live", version=restored, seconds=round(again.seconds, 3))
-    elif not again.interrupted:
-        log.error(
-            "version_failed",
-            version=restored,
-            state=again.state,
-            reason=again.reason,
-            seconds=round(again.seconds, 3),
-        )
-    else:
-        log.warning(
-            "version_unconfirmed",
-            version=restored,
-            state=again.state,
-            reason=again.reason,
-            seconds=round(again.seconds, 3),
-        )
+    _report(serving.wait_until_live(config.serving, restored, wait=wait), restored, store, log)
     return fields

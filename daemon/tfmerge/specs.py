@@ -15,10 +15,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tfmerge import debounce
 from tfmerge.config import Config, ModelDecl, Problem, parse_models
 from tfmerge.debounce import is_input_path
 
-MODEL_SUFFIXES = (".pb", ".pbtxt")
+#: Binary first: NAME.pb wins over NAME.pbtxt when a sidecar could mean either.
+MODEL_SUFFIXES = tuple(sorted(debounce.MODEL_SUFFIXES))
+SIDECAR_SUFFIX = debounce.SIDECAR_SUFFIX
 #: Bumped when the layout of a merged SavedModel changes, so old versions are rebuilt.
 FORMAT_VERSION = 1
 
@@ -62,27 +65,21 @@ class Resolution:
     refused_files: frozenset[str] = field(default_factory=frozenset)
 
 
-def model_files(frozen_dir: Path) -> list[str]:
-    """Relative POSIX paths of every graph file under frozen_dir, upload leftovers excluded."""
-    found = []
+def input_files(frozen_dir: Path) -> tuple[list[str], list[str]]:
+    """Relative POSIX paths of the graph files and of the sidecars under frozen_dir, in one
+    walk; upload leftovers excluded."""
+    graphs, sidecars = [], []
     for dirpath, dirnames, filenames in os.walk(frozen_dir, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
             rel = Path(dirpath, name).relative_to(frozen_dir).as_posix()
-            if rel.endswith(MODEL_SUFFIXES) and is_input_path(rel):
-                found.append(rel)
-    return sorted(found)
-
-
-def sidecar_files(frozen_dir: Path) -> list[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(frozen_dir, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            rel = Path(dirpath, name).relative_to(frozen_dir).as_posix()
-            if rel.endswith(".toml") and is_input_path(rel):
-                found.append(rel)
-    return sorted(found)
+            if not is_input_path(rel):
+                continue
+            if rel.endswith(SIDECAR_SUFFIX):
+                sidecars.append(rel)
+            elif rel.endswith(MODEL_SUFFIXES):
+                graphs.append(rel)
+    return sorted(graphs), sorted(sidecars)
 
 
 def discovered_signature(relpath: str) -> str:
@@ -163,7 +160,8 @@ def resolve(config: Config) -> Resolution:
             (), (Rejection("missing_dir", "frozen_dir does not exist", file=str(frozen_dir)),)
         )
     broken: set[str] = set()
-    for rel in sidecar_files(frozen_dir):
+    graph_files, sidecars = input_files(frozen_dir)
+    for rel in sidecars:
         models, problems = _sidecar_models(frozen_dir, rel)
         decls.extend(models)
         rejections.extend(problems)
@@ -178,7 +176,7 @@ def resolve(config: Config) -> Resolution:
         by_signature.setdefault(decl.signature, []).append(decl)
     declared_files = {_normalise(d.frozen) for d in decls} | broken
     if config.discover:
-        for rel in model_files(frozen_dir):
+        for rel in graph_files:
             if rel in declared_files:
                 continue
             by_signature.setdefault(discovered_signature(rel), []).append(

@@ -1,14 +1,11 @@
 """Where ``tfmerge build`` spends its time and memory, step by step, in one process.
 
-Usage: ``python -m bench.profile_build SET_DIR WORK_DIR [--cprofile FILE] [--no-grappler]``.
+Usage: ``python -m bench.profile_build SET_DIR WORK_DIR [--cprofile FILE]``.
 Runs the same build as ``tfmerge build`` (``pipeline.run_once`` with ``build.run_build``) with
 its steps wrapped from the outside: wall time, the process's peak resident memory during the
 step (VmHWM, reset on entry through /proc/self/clear_refs) and the peak of Python's own heap
 (tracemalloc; protobuf and TensorFlow allocate outside it). Steps nest; every number is
 inclusive of the steps inside it. The last line on stdout is JSON.
-
-``--no-grappler`` is an experiment, not tfmerge's behaviour: every session is created with
-TensorFlow's graph optimizer turned off, to show what the optimizer costs on these graphs.
 """
 
 from __future__ import annotations
@@ -135,15 +132,16 @@ _STEPS = (
     ("tfmerge.graphs", "split_large_constants", "check: set large constants aside"),
     ("tfmerge.graphs", "import_graph", "check: import into a tf.Graph"),
     ("tfmerge.graphs", "run_graph", "check: run the source on the probe"),
+    ("tfmerge.build", "_ConstantWriter.store", "check: write large constants into variables/"),
     ("tfmerge.build", "_release_memory", "check: release memory (gc, malloc_trim)"),
     ("tfmerge.merge", "merge", "merge: whole"),
-    ("tfmerge.merge", "_merge_unit", "merge: parse, rename, serialise one graph"),
-    ("tfmerge.merge", "_externalise", "merge: constants to variables"),
-    ("tfmerge.merge", "_VariableWriter.flush", "merge: write a variables shard"),
-    ("tfmerge.merge", "_VariableWriter.finish", "merge: merge the variables shards"),
-    ("tfmerge.merge", "_fsync_write", "merge: write saved_model.pb"),
+    ("tfmerge.merge", "_merge_unit", "merge: rename, serialise one graph"),
+    ("tfmerge.merge", "_externalise", "merge: constants to variable reads"),
+    ("tfmerge.bundle", "write_index", "merge: write the variables index"),
+    ("tfmerge.merge", "_write_chunks", "merge: write saved_model.pb"),
     ("tfmerge.verify", "verify", "verify: load and run every signature"),
-    ("tensorflow.compat.v1.saved_model.loader", "load", "verify: SavedModel loader"),
+    ("tfmerge.tfcore", "load_saved_model", "verify: SavedModel loader"),
+    ("tfmerge.bundle", "DataWriter.close", "wait for the variables data on disk"),
     ("tfmerge.publish", "publish", "publish: fsync and rename"),
 )
 
@@ -152,14 +150,9 @@ def _instrument(recorder: Recorder) -> list[str]:
     """Wrap every step; returns the steps not found."""
     import importlib
 
-    import tensorflow as tf
-
     missing = []
     for module_name, attribute, name in _STEPS:
-        if module_name.startswith("tensorflow.compat.v1"):
-            owner: Any = tf.compat.v1.saved_model.loader
-        else:
-            owner = importlib.import_module(module_name)
+        owner: Any = importlib.import_module(module_name)
         *path, leaf = attribute.split(".")
         for part in path:
             owner = getattr(owner, part, None)
@@ -169,19 +162,6 @@ def _instrument(recorder: Recorder) -> list[str]:
             continue
         setattr(owner, leaf, recorder.wrap(name, function))
     return missing
-
-
-def _disable_grappler() -> None:
-    import tensorflow as tf
-
-    original = tf.compat.v1.Session.__init__
-
-    def init(self: Any, target: str = "", graph: Any = None, config: Any = None) -> None:
-        config = config if config is not None else tf.compat.v1.ConfigProto()
-        config.graph_options.rewrite_options.disable_meta_optimizer = True
-        original(self, target, graph, config)
-
-    tf.compat.v1.Session.__init__ = init
 
 
 def _write_config(set_dir: Path, work: Path) -> Path:
@@ -195,7 +175,6 @@ def main() -> int:
     parser.add_argument("set_dir", type=Path)
     parser.add_argument("work", type=Path)
     parser.add_argument("--cprofile", type=Path)
-    parser.add_argument("--no-grappler", action="store_true")
     args = parser.parse_args()
     from tfmerge import logs, pipeline
     from tfmerge.config import load
@@ -208,8 +187,6 @@ def main() -> int:
     logs.configure(fmt="json", level="warning", stream=io.StringIO())
     recorder = Recorder()
     missing = _instrument(recorder)
-    if args.no_grappler:
-        _disable_grappler()
     tracemalloc.start()
     profiler = cProfile.Profile() if args.cprofile else None
     began = time.monotonic()
@@ -232,7 +209,6 @@ def main() -> int:
         "total_seconds": round(total, 3),
         # Each step reset VmHWM on entry: the run's peak is the largest a step saw.
         "peak_rss": max([_status("VmHWM"), *(s.peak_rss for s in recorder.steps.values())]),
-        "no_grappler": args.no_grappler,
         "steps": [vars(step) for step in recorder.steps.values()],
         "missing_steps": missing,
         "cprofile_top": top,

@@ -10,7 +10,6 @@ import contextlib
 import ctypes
 import gc
 import json
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from tfmerge import __version__, graphs, merge, verify, warmup
+from tfmerge import __version__, bundle, graphs, merge, tfcore, verify, warmup
 from tfmerge.config import Config
-from tfmerge.graphs import ModelRejected, TensorSig
+from tfmerge.graphs import LargeConstant, ModelRejected, TensorSig
 from tfmerge.logs import get_logger
 from tfmerge.publish import MANIFEST
 from tfmerge.results import BuildResult
@@ -30,13 +29,6 @@ from tfmerge.specs import ModelSpec, Rejection, Resolution, fingerprint, spec_ke
 from tfmerge.specs import raw_fingerprint as raw_fingerprint_of
 from tfmerge.store import AcceptedModel, Store
 
-# TensorFlow's C++ start-up chatter (CUDA probing, CPU features) is noise on a CPU host;
-# errors still reach stderr. Set before the first TensorFlow import in this process.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import tensorflow as tf
-
-# The SavedModel loader's deprecation notice would be printed on every build.
-tf.get_logger().setLevel("ERROR")
 # TensorFlow's millions of module-level objects never die: keep them out of every garbage
 # collection this process runs (a full collection otherwise takes about 0.2 s).
 gc.freeze()
@@ -45,9 +37,10 @@ gc.freeze()
 @dataclass
 class _Checked:
     model: AcceptedModel
-    #: The exact bytes that were checked, kept in the state folder; the merge parses them again
-    #: rather than holding every parsed graph in memory between the check and the merge.
-    source: Path
+    #: The checked graph, its large constants as placeholders (graphs.split_large_constants).
+    graph_def: Any
+    #: Where its large constants are in the new version's variables data file, when building.
+    constants: list[bundle.Entry]
     init_nodes: list[str]
     inputs: dict[str, TensorSig]
     outputs: dict[str, TensorSig]
@@ -63,28 +56,33 @@ def check_model(
     kept: bool,
     log: Any,
     store: Store | None = None,
+    constants: _ConstantWriter | None = None,
+    sha256: str | None = None,
 ) -> _Checked:
     """Everything a model must pass before it may be merged; raises ModelRejected.
 
     With a store, an accepted input is copied into it from the very bytes that were checked.
+    With a constant writer, an accepted graph's large constants are written into the version.
+    With a sha256, the file must have those very bytes (a kept copy).
     """
+    expected_sha256 = sha256
     sha256, data, graph_def = graphs.read_graph_def(path, spec.relpath, config.max_model_bytes)
+    if expected_sha256 is not None and sha256 != expected_sha256:
+        raise ModelRejected("damaged", "the kept copy in the state folder is damaged")
     size = len(data)
     suffix = ".pbtxt" if spec.relpath.endswith(".pbtxt") else ".pb"
-    source = path
     copy: _Background | None = None
     if store is not None and not kept:
         # Copied while the graph is checked (the write releases the GIL). A refused file's copy
         # is collected with the other unused ones after the next publish.
         copy = _Background(store.write_blob, sha256, suffix, data)
-        source = store.blob_path(sha256, suffix)
     del data
     # Handed over in a list so that _check_parsed can drop the last reference to it.
     parsed = [graph_def]
     del graph_def
     try:
         return _check_parsed(
-            spec, parsed, config, kept=kept, log=log, sha256=sha256, size=size, source=source
+            spec, parsed, config, log=log, sha256=sha256, size=size, kept=kept, constants=constants
         )
     finally:
         if copy is not None:
@@ -96,29 +94,23 @@ def _check_parsed(
     parsed: list[Any],
     config: Config,
     *,
-    kept: bool,
     log: Any,
     sha256: str,
     size: int,
-    source: Path,
+    kept: bool,
+    constants: _ConstantWriter | None,
 ) -> _Checked:
     graph_def = parsed.pop()
     graphs.check_ops(graph_def, config.allow_ops)
-    light, constants = graphs.split_large_constants(graph_def)
-    init_nodes = graphs.initializer_nodes(graph_def)
-    large = set(constants)
-    constant_feeds = {
-        f"{node.name}:0": graphs.constant_array(node)
-        for node in graph_def.node
-        if node.name in large
-    }
-    # The merge parses the file again: from here on only the light graph and the arrays remain.
+    light, large = graphs.split_large_constants(graph_def)
+    # From here on only the light graph and the constants' arrays remain.
     del graph_def
+    init_nodes = graphs.initializer_nodes(light)
+    constant_names = [c.name for c in large]
     graph = graphs.import_graph(light)
-    del light
     inputs, outputs = spec.inputs, spec.outputs
     if inputs is None or outputs is None:
-        inputs, outputs = graphs.infer_signature(graph, constants)
+        inputs, outputs = graphs.infer_signature(graph, constant_names)
         log.info(
             "model_inferred",
             signature=spec.signature,
@@ -139,7 +131,8 @@ def _check_parsed(
         expected = graphs.run_graph(
             graph,
             init_nodes,
-            {input_sigs[k].name: v for k, v in feeds.items()} | constant_feeds,
+            {input_sigs[k].name: v for k, v in feeds.items()}
+            | {f"{c.name}:0": c.value for c in large},
             {k: s.name for k, s in output_sigs.items()},
         )
     except Exception as exc:  # any kernel error on the probe input, whatever its type
@@ -148,7 +141,9 @@ def _check_parsed(
             f"the source graph fails on the probe input ({type(exc).__name__}: "
             f"{getattr(exc, 'message', exc)}); add a `sample` to its declaration",
         ) from exc
-    del constant_feeds, graph
+    del graph
+    stored = constants.store(sha256, large) if constants is not None else []
+    del large
     model = AcceptedModel(
         signature=spec.signature,
         relpath=spec.relpath,
@@ -164,7 +159,37 @@ def _check_parsed(
             "outputs": {k: s.as_dict() for k, s in output_sigs.items()},
         },
     )
-    return _Checked(model, source, init_nodes, input_sigs, output_sigs, feeds, expected)
+    return _Checked(model, light, stored, init_nodes, input_sigs, output_sigs, feeds, expected)
+
+
+class _ConstantWriter:
+    """Writes the large constants of accepted graphs into the new version's variables data file.
+
+    Each graph's constants are written once, straight from the arrays its check fed, as soon as
+    it has passed: no graph's constants are held past its own check, and the merge only writes
+    the bundle's index.
+    """
+
+    def __init__(self, export_dir: Path) -> None:
+        self._data = bundle.DataWriter(export_dir / merge.VARIABLES_PREFIX)
+        self._stored: dict[str, list[bundle.Entry]] = {}
+
+    def store(self, sha256: str, constants: Sequence[LargeConstant]) -> list[bundle.Entry]:
+        stored = self._stored.get(sha256)
+        if stored is None:
+            stored = [
+                bundle.Entry(c.name, c.dtype, c.shape, *self._data.append(c.value))
+                for c in constants
+            ]
+            self._stored[sha256] = stored
+        return stored
+
+    def start_sync(self) -> None:
+        """Start writing the data file back to disk while the merge and the verification run."""
+        self._data.start_sync()
+
+    def close(self) -> None:
+        self._data.close()
 
 
 class _Background:
@@ -199,20 +224,26 @@ def _release_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
-def _fallback(signature: str, store: Store, config: Config, log: Any) -> _Checked | None:
+def _fallback(
+    signature: str, store: Store, config: Config, log: Any, constants: _ConstantWriter
+) -> _Checked | None:
     """The last accepted input of a signature whose current input was refused."""
     previous = store.accepted().get(signature)
     if previous is None:
         return None
     blob = store.blob_path(previous.sha256, previous.suffix)
     try:
-        checked = check_model(spec_of(previous), blob, config, kept=True, log=log)
+        checked = check_model(
+            spec_of(previous),
+            blob,
+            config,
+            kept=True,
+            log=log,
+            constants=constants,
+            sha256=previous.sha256,
+        )
     except ModelRejected as exc:
         log.error("model_dropped", signature=signature, file=previous.relpath, reason=exc.reason)
-        return None
-    if checked.model.sha256 != previous.sha256:
-        reason = "the kept copy in the state folder is damaged"
-        log.error("model_dropped", signature=signature, file=previous.relpath, reason=reason)
         return None
     log.warning("model_kept", signature=signature, file=previous.relpath, sha256=previous.sha256)
     return checked
@@ -226,6 +257,31 @@ def run_build(
     *,
     newest_fingerprint: str | None = None,
     raw_fingerprint: str | None = None,
+) -> BuildResult:
+    constants = _ConstantWriter(staging)
+    try:
+        return _run_build(
+            config,
+            resolution,
+            staging,
+            build_id,
+            constants,
+            newest_fingerprint=newest_fingerprint,
+            raw_fingerprint=raw_fingerprint,
+        )
+    finally:
+        constants.close()
+
+
+def _run_build(
+    config: Config,
+    resolution: Resolution,
+    staging: Path,
+    build_id: str,
+    constants: _ConstantWriter,
+    *,
+    newest_fingerprint: str | None,
+    raw_fingerprint: str | None,
 ) -> BuildResult:
     log = get_logger(build_id=build_id)
     store = Store(config.state_dir)
@@ -245,7 +301,13 @@ def run_build(
         try:
             checked.append(
                 check_model(
-                    spec, config.frozen_dir / spec.relpath, config, kept=False, log=log, store=store
+                    spec,
+                    config.frozen_dir / spec.relpath,
+                    config,
+                    kept=False,
+                    log=log,
+                    store=store,
+                    constants=constants,
                 )
             )
         except ModelRejected as exc:
@@ -255,9 +317,10 @@ def run_build(
             fallbacks.add(spec.signature)
         _release_memory()
     for signature in sorted(fallbacks):
-        kept = _fallback(signature, store, config, log)
+        kept = _fallback(signature, store, config, log, constants)
         if kept is not None:
             checked.append(kept)
+    constants.start_sync()
     checked.sort(key=lambda c: c.model.signature)
     if raw_fingerprint is None:
         digests = {c.model.relpath: c.model.sha256 for c in checked if not c.model.kept}
@@ -374,7 +437,8 @@ def _units(checked: Sequence[_Checked]) -> list[merge.GraphUnit]:
         if unit is None:
             units[item.model.sha256] = merge.GraphUnit(
                 sha256=item.model.sha256,
-                source=item.source,
+                graph_def=item.graph_def,
+                constants=item.constants,
                 relpath=item.model.relpath,
                 scope=merge.scope_for(item.model.signature),
                 init_nodes=item.init_nodes,
@@ -394,12 +458,10 @@ def _write_manifest(
     timings: Mapping[str, float],
     stats: Mapping[str, Any],
 ) -> None:
-    import tensorflow as tf
-
     manifest = {
         "tool": "tfmerge",
         "tool_version": __version__,
-        "tensorflow_version": tf.version.VERSION,
+        "tensorflow_version": tfcore.VERSION,
         "build_id": build_id,
         "fingerprint": digest,
         "raw_fingerprint": raw_fingerprint,

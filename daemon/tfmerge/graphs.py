@@ -49,11 +49,11 @@ class TensorSig:
     shape: tuple[int, ...] | None  # None: unknown rank; -1: unknown dimension
 
     def as_dict(self) -> dict[str, Any]:
-        import tensorflow as tf
+        from tfmerge import tfcore
 
         return {
             "name": self.name,
-            "dtype": tf.dtypes.as_dtype(self.dtype).name,
+            "dtype": tfcore.dtypes.as_dtype(self.dtype).name,
             "shape": self.shape,
         }
 
@@ -61,7 +61,8 @@ class TensorSig:
 def parse_graph_def(data: bytes, relpath: str) -> Any:
     """Parse binary (``.pb``) or text (``.pbtxt``) GraphDef bytes, refusing what is not one."""
     from google.protobuf import message, text_format, unknown_fields
-    from tensorflow.core.framework import graph_pb2
+
+    from tfmerge.tfcore import graph_pb2
 
     if not data:
         raise ModelRejected("empty_file", "the file is empty")
@@ -100,7 +101,8 @@ def parse_graph_def(data: bytes, relpath: str) -> Any:
 
 def _is_saved_model(data: bytes) -> bool:
     from google.protobuf import message
-    from tensorflow.core.protobuf import saved_model_pb2
+
+    from tfmerge.tfcore import saved_model_pb2
 
     saved = saved_model_pb2.SavedModel()
     try:
@@ -146,7 +148,7 @@ def initializer_nodes(graph_def: Any) -> list[str]:
     return [node.name for node in graph_def.node if node.op in INITIALIZER_OPS]
 
 
-#: A numeric Const at least this large is kept out of every tf.Graph the check builds (it is fed
+#: A numeric Const at least this large is kept out of every tfcore.Graph the check builds (it is fed
 #: instead) and moved into the merged model's ``variables/``: TensorFlow copies in-graph
 #: constants several times on import and on session creation.
 LARGE_CONSTANT_BYTES = 1 << 20
@@ -167,10 +169,10 @@ def is_large_constant(node: Any) -> bool:
     if node.op != "Const" or "value" not in node.attr:
         return False
     value = node.attr["value"].tensor
-    import tensorflow as tf
+    from tfmerge import tfcore
 
-    dtype = tf.dtypes.as_dtype(value.dtype)
-    if dtype == tf.string or dtype.is_quantized or value.tensor_shape.unknown_rank:
+    dtype = tfcore.dtypes.as_dtype(value.dtype)
+    if dtype == tfcore.dtypes.string or dtype.is_quantized or value.tensor_shape.unknown_rank:
         return False
     elements = 1
     for dim in value.tensor_shape.dim:
@@ -183,20 +185,32 @@ def is_large_constant(node: Any) -> bool:
 
 def constant_array(node: Any) -> np.ndarray:
     """The value of a large Const as an array (one copy of its bytes)."""
-    import tensorflow as tf
+    from tfmerge import tfcore
 
     value = node.attr["value"].tensor
-    dtype = tf.dtypes.as_dtype(value.dtype)
+    dtype = tfcore.dtypes.as_dtype(value.dtype)
     shape = [d.size for d in value.tensor_shape.dim]
     array: np.ndarray = np.frombuffer(value.tensor_content, dtype=dtype.as_numpy_dtype)
     return array.reshape(shape)
 
 
-def split_large_constants(graph_def: Any) -> tuple[Any, list[str]]:
+@dataclass(frozen=True)
+class LargeConstant:
+    """A large Const set aside from its graph: what the check feeds and the merge stores."""
+
+    name: str
+    dtype: int  # a DataType enum value
+    shape: tuple[int, ...]
+    value: np.ndarray
+
+
+def split_large_constants(graph_def: Any) -> tuple[Any, list[LargeConstant]]:
     """The graph with every large Const replaced by a Placeholder of the same name and type.
 
-    Running it with each such placeholder fed the constant's bytes computes exactly what the
-    frozen graph computes, without TensorFlow copying those bytes into the graph.
+    Running it with each such placeholder fed the constant's value computes exactly what the
+    frozen graph computes, without TensorFlow copying those bytes into the graph. The
+    placeholders keep the constants' private attributes (colocation): the merge turns them into
+    variable reads.
     """
     light = type(graph_def)()
     light.versions.CopyFrom(graph_def.versions)
@@ -209,21 +223,25 @@ def split_large_constants(graph_def: Any) -> tuple[Any, list[str]]:
             placeholder.input.extend(node.input)
             placeholder.attr["dtype"].type = value.dtype
             placeholder.attr["shape"].shape.CopyFrom(value.tensor_shape)
-            large.append(node.name)
+            for key, attr in node.attr.items():
+                if key.startswith("_"):
+                    placeholder.attr[key].CopyFrom(attr)
+            array = constant_array(node)
+            large.append(LargeConstant(node.name, value.dtype, array.shape, array))
         else:
             light.node.add().CopyFrom(node)
     return light, large
 
 
 def import_graph(graph_def: Any) -> Any:
-    """Import into a fresh tf.Graph; refuses unknown ops and dangling references."""
-    import tensorflow as tf
+    """Import into a fresh tfcore.Graph; refuses unknown ops and dangling references."""
+    from tfmerge import tfcore
 
-    graph = tf.Graph()
+    graph = tfcore.Graph()
     try:
         with graph.as_default():
-            tf.graph_util.import_graph_def(graph_def, name="")
-    except (ValueError, TypeError, tf.errors.OpError) as exc:
+            tfcore.import_graph_def(graph_def, name="")
+    except (ValueError, TypeError, tfcore.OpError) as exc:
         raise ModelRejected("invalid_graph", f"TensorFlow cannot import the graph: {exc}") from exc
     return graph
 
@@ -288,33 +306,33 @@ def infer_signature(
 
 
 def _resource_dtype() -> Any:
-    import tensorflow as tf
+    from tfmerge import tfcore
 
-    return tf.resource
+    return tfcore.dtypes.resource
 
 
 def _variant_dtype() -> Any:
-    import tensorflow as tf
+    from tfmerge import tfcore
 
-    return tf.variant
+    return tfcore.dtypes.variant
 
 
 def probe_inputs(
     signature: str, inputs: Mapping[str, TensorSig], sample: Mapping[str, Any] | None
 ) -> dict[str, np.ndarray]:
     """The value fed to each input when checking a model: its sample, or one made from its type."""
-    import tensorflow as tf
+    from tfmerge import tfcore
 
     seed = int.from_bytes(hashlib.sha256(signature.encode()).digest()[:8], "little")
     rng = np.random.default_rng(seed)
     values = {}
     for key, sig in sorted(inputs.items()):
-        dtype = tf.dtypes.as_dtype(sig.dtype)
+        dtype = tfcore.dtypes.as_dtype(sig.dtype)
         if sample is not None and key in sample:
             try:
-                np_dtype = object if dtype == tf.string else dtype.as_numpy_dtype
+                np_dtype = object if dtype == tfcore.dtypes.string else dtype.as_numpy_dtype
                 value = np.asarray(sample[key], dtype=np_dtype)
-                if dtype == tf.string:
+                if dtype == tfcore.dtypes.string:
                     value = np.vectorize(
                         lambda s: s.encode() if isinstance(s, str) else s, otypes=[object]
                     )(value)
@@ -327,10 +345,10 @@ def probe_inputs(
         shape = (2,) if sig.shape is None else tuple(2 if d < 0 else d for d in sig.shape)
         if dtype.is_floating:
             values[key] = rng.standard_normal(shape).astype(dtype.as_numpy_dtype)
-        elif dtype.is_integer or dtype == tf.bool:
+        elif dtype.is_integer or dtype == tfcore.dtypes.bool:
             # Zeros are valid indices for any embedding or table a graph may look them up in.
             values[key] = np.zeros(shape, dtype=dtype.as_numpy_dtype)
-        elif dtype == tf.string:
+        elif dtype == tfcore.dtypes.string:
             values[key] = np.full(shape, b"tfmerge probe", dtype=object)
         else:
             raise ModelRejected(
@@ -347,11 +365,11 @@ def check_session_config() -> Any:
     several times, which for a large frozen graph costs more than the whole merge, and both
     sides must run the very same kernels for their outputs to be comparable bit for bit.
     """
-    import tensorflow as tf
+    from tfmerge import tfcore
 
-    config = tf.compat.v1.ConfigProto()
+    config = tfcore.ConfigProto()
     config.graph_options.rewrite_options.disable_meta_optimizer = True
-    config.graph_options.optimizer_options.opt_level = tf.compat.v1.OptimizerOptions.L0
+    config.graph_options.optimizer_options.opt_level = tfcore.OptimizerOptions.L0
     config.graph_options.optimizer_options.do_constant_folding = False
     config.graph_options.optimizer_options.do_common_subexpression_elimination = False
     config.graph_options.optimizer_options.do_function_inlining = False
@@ -365,9 +383,9 @@ def run_graph(
     fetches: Mapping[str, str],
 ) -> dict[str, np.ndarray]:
     """Run a source graph the way the merged model runs it: initializers first, then one call."""
-    import tensorflow as tf
+    from tfmerge import tfcore
 
-    with tf.compat.v1.Session(graph=graph, config=check_session_config()) as session:
+    with tfcore.Session(graph=graph, config=check_session_config()) as session:
         if init_nodes:
             session.run([graph.get_operation_by_name(n) for n in init_nodes])
         result: dict[str, np.ndarray] = session.run(dict(fetches), feed_dict=dict(feeds))

@@ -1,6 +1,6 @@
 """Many frozen graphs in, one SavedModel out. Worker side: imports TensorFlow's protobufs.
 
-The merge works on protobufs, not on a tf.Graph: each graph's nodes are renamed into its own
+The merge works on protobufs, not on a tfcore.Graph: each graph's nodes are renamed into its own
 scope in place and serialised once, then written as one more ``graph_def`` chunk of the
 MetaGraphDef (protobuf merges repeated occurrences of an embedded message). Constants are
 never copied into a TensorFlow graph, which is where the naive merge spends its time and memory.
@@ -12,23 +12,24 @@ have ``while_body_frozen_71``-like names) is renamed in the later graph, with ev
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tfmerge.graphs import TensorSig, constant_array, is_large_constant, parse_graph_def
+from tfmerge import bundle
+from tfmerge.graphs import TensorSig
 
 #: Name of the NoOp that runs every graph's initializers when the SavedModel loads.
 MAIN_OP_NAME = "tfmerge_main_op"
 _MAIN_OP_COLLECTION = "saved_model_main_op"
 _PREDICT = "tensorflow/serving/predict"
 _INVALID_SCOPE_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
-#: Tensors written per checkpoint shard before they are merged into one bundle.
-_SHARD_BYTES = 64 << 20
+#: The bundle's path prefix under the version; TensorFlow Serving restores from it.
+VARIABLES_PREFIX = "variables/variables"
 _SAVER_SCOPE = "tfmerge_save"
 
 
@@ -57,12 +58,15 @@ class GraphUnit:
     """One distinct graph (by content) and the signatures served from it."""
 
     sha256: str
-    #: The graph file (binary or text, as relpath's suffix says); parsed only when merged.
-    source: Path
+    #: The checked GraphDef with its large constants as placeholders; the merge renames it in
+    #: place and drops it once serialised.
+    graph_def: Any
     relpath: str
     scope: str
     init_nodes: Sequence[str]
     signatures: Sequence[SignatureSpec]
+    #: The large constants, already in the version's variables data file, keyed by node name.
+    constants: Sequence[bundle.Entry] = ()
 
 
 @dataclass(frozen=True)
@@ -184,106 +188,77 @@ class _Library:
         raise RuntimeError(f"no free name for function {name}")
 
 
-class _VariableWriter:
-    """Writes externalised constants into ``variables/variables`` (a TensorBundle)."""
+class _Variables:
+    """The large constants of every graph: the bundle's index and the graph's restore nodes."""
 
-    def __init__(self, variables_dir: Path) -> None:
-        self.variables_dir = variables_dir
-        self.names: list[str] = []
-        self.dtypes: list[int] = []
+    def __init__(self) -> None:
+        self.entries: list[bundle.Entry] = []
         self.handles: list[str] = []
-        self._parts: list[str] = []
-        self._pending: list[tuple[str, Any]] = []
-        self._pending_bytes = 0
-        self.bytes = 0
 
-    def add(self, name: str, handle: str, dtype: int, array: Any) -> None:
-        self.names.append(name)
-        self.dtypes.append(dtype)
-        self.handles.append(handle)
-        self._pending.append((name, array))
-        self._pending_bytes += array.nbytes
-        self.bytes += array.nbytes
-        if self._pending_bytes >= _SHARD_BYTES:
-            self.flush()
+    @property
+    def names(self) -> list[str]:
+        return [entry.key for entry in self.entries]
 
-    def flush(self) -> None:
-        import tensorflow as tf
+    @property
+    def dtypes(self) -> list[int]:
+        return [entry.dtype for entry in self.entries]
 
-        if not self._pending:
-            return
-        prefix = str(self.variables_dir / "parts" / f"part-{len(self._parts):05d}")
-        tf.raw_ops.SaveV2(
-            prefix=prefix,
-            tensor_names=[name for name, _ in self._pending],
-            shape_and_slices=[""] * len(self._pending),
-            tensors=[array for _, array in self._pending],
-        )
-        self._parts.append(prefix)
-        self._pending = []
-        self._pending_bytes = 0
-
-    def finish(self) -> bool:
-        """Merge the shards into one bundle; True when there are variables at all."""
-        import tensorflow as tf
-
-        self.flush()
-        if not self._parts:
-            return False
-        tf.raw_ops.MergeV2Checkpoints(
-            checkpoint_prefixes=self._parts,
-            destination_prefix=str(self.variables_dir / "variables"),
-            delete_old_dirs=True,
-        )
-        return True
+    @property
+    def bytes(self) -> int:
+        return sum(entry.size for entry in self.entries)
 
 
-def _externalise(graph_def: Any, writer: _VariableWriter) -> None:
-    """Turn each large numeric Const into a resource variable read, its value into the bundle."""
-
+def _externalise(
+    graph_def: Any, scope: str, constants: Sequence[bundle.Entry], variables: _Variables
+) -> None:
+    """Turn each large constant's placeholder into a resource variable read."""
+    if not constants:
+        return
+    by_name = {_tensor_in_scope(scope, entry.key): entry for entry in constants}
     taken = {node.name for node in graph_def.node}
     handles = []
     for node in graph_def.node:
-        if not is_large_constant(node):
+        entry = by_name.get(node.name)
+        if entry is None or node.op != "Placeholder":
             continue
-        value = node.attr["value"].tensor
-        array = constant_array(node)
         handle_name = f"{node.name}/tfmerge_variable"
         while handle_name in taken:
             handle_name += "_"
         taken.add(handle_name)
-        writer.add(node.name, handle_name, value.dtype, array)
+        variables.entries.append(dataclasses.replace(entry, key=node.name))
+        variables.handles.append(handle_name)
         handle = type(node)(name=handle_name, op="VarHandleOp", device=node.device)
-        handle.attr["dtype"].type = value.dtype
-        handle.attr["shape"].shape.CopyFrom(value.tensor_shape)
+        handle.attr["dtype"].type = entry.dtype
+        handle.attr["shape"].shape.CopyFrom(node.attr["shape"].shape)
         handle.attr["container"].s = b""
         handle.attr["shared_name"].s = node.name.encode()
         handles.append(handle)
         controls = [ref for ref in node.input if ref.startswith("^")]
-        colocation = node.attr.get("_class")
+        private = {key: attr for key, attr in node.attr.items() if key.startswith("_")}
         node.ClearField("attr")
         node.op = "ReadVariableOp"
-        node.attr["dtype"].type = value.dtype
-        if colocation is not None:
-            node.attr["_class"].CopyFrom(colocation)
+        node.attr["dtype"].type = entry.dtype
+        for key, attr in private.items():
+            node.attr[key].CopyFrom(attr)
         node.input[:] = [handle_name, *controls]
-        del array
     graph_def.node.extend(handles)
 
 
-def _add_restore(head: Any, writer: _VariableWriter, saver_def: Any) -> None:
+def _add_restore(head: Any, writer: _Variables, saver_def: Any) -> None:
     """The nodes the SavedModel loader runs to fill the variables from ``variables/``."""
-    import tensorflow as tf
+    from tfmerge import tfcore
 
     scope = _SAVER_SCOPE
     filename = head.node.add(name=f"{scope}/filename", op="Const")
-    filename.attr["dtype"].type = tf.string.as_datatype_enum
-    filename.attr["value"].tensor.CopyFrom(tf.make_tensor_proto("model"))
+    filename.attr["dtype"].type = tfcore.dtypes.string.as_datatype_enum
+    filename.attr["value"].tensor.CopyFrom(tfcore.make_tensor_proto("model"))
     slices = [""] * len(writer.names)
     for name, values in (("tensor_names", writer.names), ("shape_and_slices", slices)):
         const = head.node.add(name=f"{scope}/{name}", op="Const")
-        const.attr["dtype"].type = tf.string.as_datatype_enum
-        const.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(values, dtype=tf.string))
+        const.attr["dtype"].type = tfcore.dtypes.string.as_datatype_enum
+        const.attr["value"].tensor.CopyFrom(
+            tfcore.make_tensor_proto(values, dtype=tfcore.dtypes.string)
+        )
     restore = head.node.add(name=f"{scope}/RestoreV2", op="RestoreV2")
     restore.input.extend(
         f"{scope}/{name}" for name in ("filename", "tensor_names", "shape_and_slices")
@@ -318,12 +293,11 @@ def _field_header(number: int, length: int) -> bytes:
     return _varint((number << 3) | 2) + _varint(length)
 
 
-def _fsync_write(path: Path, chunks: Sequence[bytes]) -> int:
+def _write_chunks(path: Path, chunks: Sequence[bytes]) -> int:
+    """Not synced: publish syncs the whole version before it renames it into place."""
     with path.open("wb") as handle:
         for chunk in chunks:
             handle.write(chunk)
-        handle.flush()
-        os.fsync(handle.fileno())
     return sum(len(chunk) for chunk in chunks)
 
 
@@ -337,16 +311,15 @@ class _Head:
 
 
 def _meta_graph(
-    units: Sequence[GraphUnit], library: _Library, writer: _VariableWriter, head: _Head
+    units: Sequence[GraphUnit], library: _Library, writer: _Variables, head: _Head
 ) -> Any:
     """The MetaGraphDef without the graphs' nodes: versions, init op, library, signatures."""
-    import tensorflow as tf
-    from tensorflow.core.protobuf import meta_graph_pb2
+    from tfmerge import tfcore
 
-    meta = meta_graph_pb2.MetaGraphDef()
+    meta = tfcore.meta_graph_pb2.MetaGraphDef()
     meta.meta_info_def.tags.append("serve")
-    meta.meta_info_def.tensorflow_version = tf.version.VERSION
-    meta.meta_info_def.tensorflow_git_version = tf.version.GIT_VERSION
+    meta.meta_info_def.tensorflow_version = tfcore.VERSION
+    meta.meta_info_def.tensorflow_git_version = tfcore.GIT_VERSION
     graph = meta.graph_def
     graph.versions.producer = head.producer or 0
     graph.versions.min_consumer = head.min_consumer
@@ -355,7 +328,7 @@ def _meta_graph(
     graph.library.function.extend(library.order)
     for function_name, gradient in sorted(library.gradients.items()):
         graph.library.gradient.add(function_name=function_name, gradient_func=gradient)
-    if writer.finish():
+    if writer.entries:
         _add_restore(graph, writer, meta.saver_def)
     meta.collection_def[_MAIN_OP_COLLECTION].node_list.value.append(MAIN_OP_NAME)
     for unit in units:
@@ -370,14 +343,15 @@ def _meta_graph(
 
 
 def _merge_unit(
-    unit: GraphUnit, library: _Library, writer: _VariableWriter, head: _Head
+    unit: GraphUnit, library: _Library, variables: _Variables, head: _Head
 ) -> tuple[bytes, int]:
     """One graph's nodes, renamed into its scope and serialised; and how many there are."""
-    graph_def = parse_graph_def(unit.source.read_bytes(), unit.relpath)
+    graph_def = unit.graph_def
+    unit.graph_def = None
     renames = library.add_graph_library(graph_def.library)
     for node in graph_def.node:
         _scope_node(node, unit.scope, renames)
-    _externalise(graph_def, writer)
+    _externalise(graph_def, unit.scope, unit.constants, variables)
     head.init_nodes.extend(_tensor_in_scope(unit.scope, n) for n in unit.init_nodes)
     version = graph_def.versions
     # The oldest producer keeps every graph's deprecated ops loadable.
@@ -396,19 +370,22 @@ def merge(
     """Write one SavedModel (tag ``serve``) holding every unit under its scope into export_dir.
 
     ``aliases`` adds signatures that are copies of others (``serving_default`` -> a model).
+    The units' large constants must already be in the data file of ``VARIABLES_PREFIX``; the
+    merge writes the bundle's index for them.
     """
     export_dir.mkdir(parents=True, exist_ok=True)
     (export_dir / "variables").mkdir(exist_ok=True)
     library = _Library()
-    writer = _VariableWriter(export_dir / "variables")
+    writer = _Variables()
     head = _Head(init_nodes=[])
     node_chunks: list[bytes] = []
     node_count = 0
     for unit in units:
         chunk, count = _merge_unit(unit, library, writer, head)
-        writer.flush()
         node_chunks.append(chunk)
         node_count += count
+    if writer.entries:
+        bundle.write_index(export_dir / VARIABLES_PREFIX, writer.entries)
     meta = _meta_graph(units, library, writer, head)
     for alias, target in (aliases or {}).items():
         meta.signature_def[alias].CopyFrom(meta.signature_def[target])
@@ -422,7 +399,7 @@ def merge(
         _field_header(2, nodes_payload),  # MetaGraphDef.graph_def, merged into the one above
         *node_chunks,
     ]
-    written = _fsync_write(export_dir / "saved_model.pb", chunks)
+    written = _write_chunks(export_dir / "saved_model.pb", chunks)
     return MergeStats(
         graphs=len(units),
         signatures=sum(len(unit.signatures) for unit in units) + len(aliases or {}),

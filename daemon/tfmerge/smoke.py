@@ -251,15 +251,16 @@ class _Grpc:
         self, signature: str, feeds: Mapping[str, np.ndarray], like: Mapping[str, np.ndarray]
     ) -> dict[str, np.ndarray]:
         import grpc
-        import tensorflow as tf
         from tensorflow_serving.apis import predict_pb2
+
+        from tfmerge import tfcore
 
         request = predict_pb2.PredictRequest()
         request.model_spec.name = self._model_name
         request.model_spec.signature_name = signature
         request.model_spec.version.value = self._version
         for key, value in feeds.items():
-            request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+            request.inputs[key].CopyFrom(tfcore.make_tensor_proto(value))
         try:
             response = self._stub.Predict(request, timeout=CALL_TIMEOUT_SECONDS)
         except grpc.RpcError as exc:
@@ -270,7 +271,7 @@ class _Grpc:
         answered = response.model_spec.version.value
         if response.model_spec.HasField("version") and answered != self._version:
             raise CallFailed(f"answered by version {answered}", transient=False)
-        return {key: tf.make_ndarray(proto) for key, proto in response.outputs.items()}
+        return {key: tfcore.MakeNdarray(proto) for key, proto in response.outputs.items()}
 
     def close(self) -> None:
         self._channel.close()

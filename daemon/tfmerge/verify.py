@@ -50,15 +50,15 @@ def load_and_run(
 
     Returns the outputs of the signatures that ran and, for the others, why they failed.
     """
-    import tensorflow as tf
+    from tfmerge import tfcore
 
     results: dict[str, dict[str, np.ndarray]] = {}
     failures: dict[str, str] = {}
     from tfmerge.graphs import check_session_config
 
-    graph = tf.Graph()
-    with tf.compat.v1.Session(graph=graph, config=check_session_config()) as session:
-        meta = tf.compat.v1.saved_model.loader.load(session, ["serve"], str(export_dir))
+    graph = tfcore.Graph()
+    with tfcore.Session(graph=graph, config=check_session_config()) as session:
+        meta = tfcore.load_saved_model(session, ["serve"], str(export_dir))
         for name, values in sorted(feeds.items()):
             signature = meta.signature_def.get(name)
             if signature is None:
@@ -70,7 +70,7 @@ def load_and_run(
             }
             try:
                 results[name] = session.run(fetches, feed_dict=feed_dict)
-            except tf.errors.OpError as exc:
+            except tfcore.OpError as exc:
                 failures[name] = f"{type(exc).__name__}: {exc.message}"
     return results, failures
 
@@ -81,11 +81,11 @@ def verify(
     expected: Mapping[str, Mapping[str, np.ndarray]],
 ) -> list[Mismatch]:
     """Every way the SavedModel in export_dir differs from what its sources computed."""
-    import tensorflow as tf
+    from tfmerge import tfcore
 
     try:
         actual, failures = load_and_run(export_dir, feeds)
-    except (tf.errors.OpError, ValueError, RuntimeError, OSError) as exc:
+    except (tfcore.OpError, ValueError, RuntimeError, OSError) as exc:
         return [Mismatch("*", f"the SavedModel does not load: {exc}")]
     mismatches = [Mismatch(name, f"fails to run: {why}") for name, why in failures.items()]
     for name, outputs in sorted(actual.items()):

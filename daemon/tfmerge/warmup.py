@@ -27,8 +27,9 @@ def write(
     log: Any,
 ) -> int:
     """One Predict request per signature (aliases excluded); returns how many were written."""
-    import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    from tfmerge import tfcore
 
     signatures = sorted(name for name in feeds if name not in aliases)
     if len(signatures) > MAX_RECORDS:
@@ -41,13 +42,13 @@ def write(
         signatures = signatures[:MAX_RECORDS]
     path = export_dir / WARMUP_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tf.io.TFRecordWriter(str(path)) as writer:
+    with tfcore.TFRecordWriter(str(path)) as writer:
         for name in signatures:
             request = predict_pb2.PredictRequest()
             request.model_spec.name = model_name
             request.model_spec.signature_name = name
             for key, value in sorted(feeds[name].items()):
-                request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+                request.inputs[key].CopyFrom(tfcore.make_tensor_proto(value))
             record = prediction_log_pb2.PredictionLog(
                 predict_log=prediction_log_pb2.PredictLog(request=request)
             )

@@ -126,13 +126,14 @@ class Recorder:
 _STEPS = (
     ("tfmerge.specs", "raw_fingerprint", "fingerprint the input files (sha256)"),
     ("tfmerge.build", "run_build", "worker side (check + merge + verify)"),
-    ("tfmerge.graphs", "read_graph_def", "check: read, sha256, parse"),
+    ("tfmerge.graphs", "read_graph", "check: read, sha256, parse"),
     ("tfmerge.store", "Store.write_blob", "check: keep a copy in state_dir"),
     ("tfmerge.graphs", "check_ops", "check: op policy"),
     ("tfmerge.graphs", "split_large_constants", "check: set large constants aside"),
     ("tfmerge.graphs", "import_graph", "check: import into a tf.Graph"),
     ("tfmerge.graphs", "run_graph", "check: run the source on the probe"),
-    ("tfmerge.build", "_ConstantWriter.store", "check: write large constants into variables/"),
+    ("tfmerge.bundle", "DataWriter.append", "check: write a constant into variables/"),
+    ("tfmerge.writer", "Writer.finish", "wait for the writer thread"),
     ("tfmerge.build", "_release_memory", "check: release memory (gc, malloc_trim)"),
     ("tfmerge.merge", "merge", "merge: whole"),
     ("tfmerge.merge", "_merge_unit", "merge: rename, serialise one graph"),
@@ -141,7 +142,7 @@ _STEPS = (
     ("tfmerge.merge", "_write_chunks", "merge: write saved_model.pb"),
     ("tfmerge.verify", "verify", "verify: load and run every signature"),
     ("tfmerge.tfcore", "load_saved_model", "verify: SavedModel loader"),
-    ("tfmerge.bundle", "DataWriter.close", "wait for the variables data on disk"),
+    ("tfmerge.writer", "Writer.close", "wait for the variables data on disk"),
     ("tfmerge.publish", "publish", "publish: fsync and rename"),
 )
 

@@ -10,24 +10,24 @@ import contextlib
 import ctypes
 import gc
 import json
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tfmerge import __version__, bundle, graphs, merge, tfcore, verify, warmup
+from tfmerge import __version__, graphs, merge, tfcore, verify, warmup
 from tfmerge.config import Config
-from tfmerge.graphs import LargeConstant, ModelRejected, TensorSig
+from tfmerge.graphs import ModelRejected, TensorSig
 from tfmerge.logs import get_logger
 from tfmerge.publish import MANIFEST
 from tfmerge.results import BuildResult
 from tfmerge.specs import ModelSpec, Rejection, Resolution, fingerprint, spec_key
 from tfmerge.specs import raw_fingerprint as raw_fingerprint_of
 from tfmerge.store import AcceptedModel, Store
+from tfmerge.writer import Writer
 
 # TensorFlow's millions of module-level objects never die: keep them out of every garbage
 # collection this process runs (a full collection otherwise takes about 0.2 s).
@@ -39,8 +39,6 @@ class _Checked:
     model: AcceptedModel
     #: The checked graph, its large constants as placeholders (graphs.split_large_constants).
     graph_def: Any
-    #: Where its large constants are in the new version's variables data file, when building.
-    constants: list[bundle.Entry]
     init_nodes: list[str]
     inputs: dict[str, TensorSig]
     outputs: dict[str, TensorSig]
@@ -55,56 +53,42 @@ def check_model(
     *,
     kept: bool,
     log: Any,
-    store: Store | None = None,
-    constants: _ConstantWriter | None = None,
+    writer: Writer | None = None,
     sha256: str | None = None,
 ) -> _Checked:
     """Everything a model must pass before it may be merged; raises ModelRejected.
 
-    With a store, an accepted input is copied into it from the very bytes that were checked.
-    With a constant writer, an accepted graph's large constants are written into the version.
+    With a writer, the input's checked bytes are copied into the state folder (unless it is a
+    kept copy already) and, once it passes, its large constants into the version being built.
     With a sha256, the file must have those very bytes (a kept copy).
     """
-    expected_sha256 = sha256
-    sha256, data, graph_def = graphs.read_graph_def(path, spec.relpath, config.max_model_bytes)
-    if expected_sha256 is not None and sha256 != expected_sha256:
+    if writer is None:
+        read = graphs.read_graph(path, spec.relpath, config.max_model_bytes)
+    else:
+        read = graphs.read_graph(path, spec.relpath, config.max_model_bytes, writer.buffer)
+    if sha256 is not None and read.sha256 != sha256:
         raise ModelRejected("damaged", "the kept copy in the state folder is damaged")
-    size = len(data)
-    suffix = ".pbtxt" if spec.relpath.endswith(".pbtxt") else ".pb"
-    copy: _Background | None = None
-    if store is not None and not kept:
-        # Copied while the graph is checked (the write releases the GIL). A refused file's copy
-        # is collected with the other unused ones after the next publish.
-        copy = _Background(store.write_blob, sha256, suffix, data)
-    del data
-    # Handed over in a list so that _check_parsed can drop the last reference to it.
-    parsed = [graph_def]
-    del graph_def
-    try:
-        return _check_parsed(
-            spec, parsed, config, log=log, sha256=sha256, size=size, kept=kept, constants=constants
-        )
-    finally:
-        if copy is not None:
-            copy.join()
+    if writer is not None and not kept:
+        # A refused file's copy is collected with the other unused ones after the next publish.
+        suffix = ".pbtxt" if spec.relpath.endswith(".pbtxt") else ".pb"
+        writer.keep_input(read.sha256, suffix, read.data)
+    return _check_parsed(spec, read, config, log=log, kept=kept, writer=writer)
 
 
 def _check_parsed(
     spec: ModelSpec,
-    parsed: list[Any],
+    read: graphs.GraphRead,
     config: Config,
     *,
     log: Any,
-    sha256: str,
-    size: int,
     kept: bool,
-    constants: _ConstantWriter | None,
+    writer: Writer | None,
 ) -> _Checked:
-    graph_def = parsed.pop()
-    graphs.check_ops(graph_def, config.allow_ops)
-    light, large = graphs.split_large_constants(graph_def)
-    # From here on only the light graph and the constants' arrays remain.
-    del graph_def
+    sha256, size = read.sha256, len(read.data)
+    graphs.check_ops(read.graph_def, config.allow_ops)
+    light, large = graphs.split_large_constants(read.graph_def, read.payloads)
+    # From here on only the light graph and the constants' arrays (views of read.data) remain.
+    read.graph_def = None
     init_nodes = graphs.initializer_nodes(light)
     constant_names = [c.name for c in large]
     graph = graphs.import_graph(light)
@@ -142,7 +126,8 @@ def _check_parsed(
             f"{getattr(exc, 'message', exc)}); add a `sample` to its declaration",
         ) from exc
     del graph
-    stored = constants.store(sha256, large) if constants is not None else []
+    if writer is not None:
+        writer.store_constants(sha256, large)
     del large
     model = AcceptedModel(
         signature=spec.signature,
@@ -159,58 +144,7 @@ def _check_parsed(
             "outputs": {k: s.as_dict() for k, s in output_sigs.items()},
         },
     )
-    return _Checked(model, light, stored, init_nodes, input_sigs, output_sigs, feeds, expected)
-
-
-class _ConstantWriter:
-    """Writes the large constants of accepted graphs into the new version's variables data file.
-
-    Each graph's constants are written once, straight from the arrays its check fed, as soon as
-    it has passed: no graph's constants are held past its own check, and the merge only writes
-    the bundle's index.
-    """
-
-    def __init__(self, export_dir: Path) -> None:
-        self._data = bundle.DataWriter(export_dir / merge.VARIABLES_PREFIX)
-        self._stored: dict[str, list[bundle.Entry]] = {}
-
-    def store(self, sha256: str, constants: Sequence[LargeConstant]) -> list[bundle.Entry]:
-        stored = self._stored.get(sha256)
-        if stored is None:
-            stored = [
-                bundle.Entry(c.name, c.dtype, c.shape, *self._data.append(c.value))
-                for c in constants
-            ]
-            self._stored[sha256] = stored
-        return stored
-
-    def start_sync(self) -> None:
-        """Start writing the data file back to disk while the merge and the verification run."""
-        self._data.start_sync()
-
-    def close(self) -> None:
-        self._data.close()
-
-
-class _Background:
-    """Run one call in a thread; join() waits for it and raises what it raised."""
-
-    def __init__(self, function: Callable[..., object], *args: object) -> None:
-        self._error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                function(*args)
-            except BaseException as exc:  # noqa: BLE001 - handed to the joining thread
-                self._error = exc
-
-        self._thread = threading.Thread(target=run, name="tfmerge-copy")
-        self._thread.start()
-
-    def join(self) -> None:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
+    return _Checked(model, light, init_nodes, input_sigs, output_sigs, feeds, expected)
 
 
 def _release_memory() -> None:
@@ -225,7 +159,7 @@ def _release_memory() -> None:
 
 
 def _fallback(
-    signature: str, store: Store, config: Config, log: Any, constants: _ConstantWriter
+    signature: str, store: Store, config: Config, log: Any, writer: Writer
 ) -> _Checked | None:
     """The last accepted input of a signature whose current input was refused."""
     previous = store.accepted().get(signature)
@@ -239,7 +173,7 @@ def _fallback(
             config,
             kept=True,
             log=log,
-            constants=constants,
+            writer=writer,
             sha256=previous.sha256,
         )
     except ModelRejected as exc:
@@ -258,19 +192,19 @@ def run_build(
     newest_fingerprint: str | None = None,
     raw_fingerprint: str | None = None,
 ) -> BuildResult:
-    constants = _ConstantWriter(staging)
+    writer = Writer(staging, Store(config.state_dir))
     try:
         return _run_build(
             config,
             resolution,
             staging,
             build_id,
-            constants,
+            writer,
             newest_fingerprint=newest_fingerprint,
             raw_fingerprint=raw_fingerprint,
         )
     finally:
-        constants.close()
+        writer.close()
 
 
 def _run_build(
@@ -278,7 +212,7 @@ def _run_build(
     resolution: Resolution,
     staging: Path,
     build_id: str,
-    constants: _ConstantWriter,
+    writer: Writer,
     *,
     newest_fingerprint: str | None,
     raw_fingerprint: str | None,
@@ -306,8 +240,7 @@ def _run_build(
                     config,
                     kept=False,
                     log=log,
-                    store=store,
-                    constants=constants,
+                    writer=writer,
                 )
             )
         except ModelRejected as exc:
@@ -317,10 +250,10 @@ def _run_build(
             fallbacks.add(spec.signature)
         _release_memory()
     for signature in sorted(fallbacks):
-        kept = _fallback(signature, store, config, log, constants)
+        kept = _fallback(signature, store, config, log, writer)
         if kept is not None:
             checked.append(kept)
-    constants.start_sync()
+    writer.finish()
     checked.sort(key=lambda c: c.model.signature)
     if raw_fingerprint is None:
         digests = {c.model.relpath: c.model.sha256 for c in checked if not c.model.kept}
@@ -355,7 +288,7 @@ def _run_build(
         )
 
     merge_started = time.monotonic()
-    units = _units(checked)
+    units = _units(checked, writer)
     feeds = {c.model.signature: c.feeds for c in checked}
     expected = {c.model.signature: c.expected for c in checked}
     aliases = _aliases(config, models, log)
@@ -428,7 +361,7 @@ def spec_of(model: AcceptedModel) -> ModelSpec:
     )
 
 
-def _units(checked: Sequence[_Checked]) -> list[merge.GraphUnit]:
+def _units(checked: Sequence[_Checked], writer: Writer) -> list[merge.GraphUnit]:
     """One unit per distinct graph content: a graph several signatures use is stored once."""
     units: dict[str, merge.GraphUnit] = {}
     for item in checked:
@@ -438,7 +371,7 @@ def _units(checked: Sequence[_Checked]) -> list[merge.GraphUnit]:
             units[item.model.sha256] = merge.GraphUnit(
                 sha256=item.model.sha256,
                 graph_def=item.graph_def,
-                constants=item.constants,
+                constants=writer.entries(item.model.sha256),
                 relpath=item.model.relpath,
                 scope=merge.scope_for(item.model.signature),
                 init_nodes=item.init_nodes,

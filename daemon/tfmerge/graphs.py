@@ -6,15 +6,18 @@ person can act on.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+import mmap
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tfmerge import oppolicy
+from tfmerge import oppolicy, wire
 
 #: Ops that fill a lookup table. A frozen graph keeps them, but nothing runs them unless the
 #: merged SavedModel names them in its init op (the naive merge's "Table not initialized").
@@ -58,7 +61,7 @@ class TensorSig:
         }
 
 
-def parse_graph_def(data: bytes, relpath: str) -> Any:
+def parse_graph_def(data: bytes | memoryview, relpath: str) -> Any:
     """Parse binary (``.pb``) or text (``.pbtxt``) GraphDef bytes, refusing what is not one."""
     from google.protobuf import message, text_format, unknown_fields
 
@@ -69,7 +72,7 @@ def parse_graph_def(data: bytes, relpath: str) -> Any:
     graph_def = graph_pb2.GraphDef()
     if relpath.endswith(".pbtxt"):
         try:
-            text_format.Parse(data.decode("utf-8"), graph_def)
+            text_format.Parse(bytes(data).decode("utf-8"), graph_def)
         except (text_format.ParseError, UnicodeDecodeError) as exc:
             raise ModelRejected("unparseable", f"not a text GraphDef: {exc}") from exc
     else:
@@ -99,7 +102,7 @@ def parse_graph_def(data: bytes, relpath: str) -> Any:
     return graph_def
 
 
-def _is_saved_model(data: bytes) -> bool:
+def _is_saved_model(data: bytes | memoryview) -> bool:
     from google.protobuf import message
 
     from tfmerge.tfcore import saved_model_pb2
@@ -127,6 +130,144 @@ def read_graph_def(path: Path, relpath: str, max_bytes: int) -> tuple[str, bytes
         raise ModelRejected("unreadable", f"cannot read: {exc.strerror or exc}") from exc
     digest = hashlib.sha256(data).hexdigest()
     return digest, data, parse_graph_def(data, relpath)
+
+
+#: Where a large constant's bytes start in the read buffer: TensorFlow feeds an array this
+#: aligned without copying it (Eigen's widest alignment).
+_FEED_ALIGNMENT = 64
+
+
+@dataclass
+class GraphRead:
+    """A graph file read once: its digest, its bytes and its GraphDef.
+
+    For a binary GraphDef the large constants' bytes are not in graph_def: ``payloads`` maps
+    their node names to views of ``data`` (see split_large_constants).
+    """
+
+    sha256: str
+    data: memoryview
+    graph_def: Any
+    payloads: dict[str, memoryview] = field(default_factory=dict)
+
+
+def new_buffer(size: int) -> mmap.mmap:
+    """Page-aligned anonymous memory to read a graph file into."""
+    buffer = mmap.mmap(-1, max(size, 1))
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        # Where transparent huge pages are off this fails: smaller pages, same bytes.
+        with contextlib.suppress(OSError):
+            buffer.madvise(mmap.MADV_HUGEPAGE)
+    return buffer
+
+
+def buffer_size(file_size: int) -> int:
+    """What read_graph needs for a file: the file, aligned copies of its constants, padding."""
+    return 2 * file_size + file_size // 1024 + 2 * _FEED_ALIGNMENT
+
+
+def read_graph(
+    path: Path,
+    relpath: str,
+    max_bytes: int,
+    buffer_for: Callable[[int], mmap.mmap] = new_buffer,
+) -> GraphRead:
+    """Read a graph file into one buffer, hash it and parse it without copying its constants.
+
+    Every large constant's bytes end up aligned for TensorFlow to feed them without a copy: the
+    largest by placing the file in the buffer, the others by one copy each into the buffer's
+    spare room (cheaper than TensorFlow's copy into fresh memory). ``buffer_for(n)`` gives
+    the buffer, of at least n bytes.
+    """
+    try:
+        with path.open("rb", buffering=0) as handle:
+            size = handle.seek(0, 2)
+            if size > max_bytes:
+                raise ModelRejected(
+                    "too_large", f"{size} bytes is over max_model_bytes = {max_bytes}"
+                )
+            handle.seek(0)
+            buffer = buffer_for(buffer_size(size))
+            view = memoryview(buffer)
+            done = 0
+            while done < size:
+                count = handle.readinto(view[done:size])
+                if not count:
+                    break  # the file shrank while it was read: its sha256 says what was read
+                done += count
+    except OSError as exc:
+        raise ModelRejected("unreadable", f"cannot read: {exc.strerror or exc}") from exc
+    data = view[:done]
+    stripped: bytes | memoryview = data
+    found: list[wire.Payload] = []
+    if not relpath.endswith(".pbtxt"):
+        try:
+            stripped, found = wire.split_payloads(data, LARGE_CONSTANT_BYTES)
+        except wire.Unusual:
+            stripped, found = data, []
+    shift = 0
+    if found:
+        shift = -max(found, key=lambda p: p.stop - p.start).start % _FEED_ALIGNMENT
+        if shift:
+            buffer.move(shift, 0, done)
+            data = view[shift : shift + done]
+    digest = _Digest(data)
+    try:
+        graph_def = _parse_stripped(stripped, relpath) if found else None
+        if graph_def is None:
+            graph_def = parse_graph_def(data, relpath)
+        payloads = _aligned(view, shift + done, [(p.node, data[p.start : p.stop]) for p in found])
+    finally:
+        sha256 = digest.join()
+    return GraphRead(sha256, data, graph_def, payloads)
+
+
+def _aligned(
+    view: memoryview, spare: int, payloads: Sequence[tuple[str, memoryview]]
+) -> dict[str, memoryview]:
+    """Each payload, copied to view[spare:] at an aligned address where it is not aligned."""
+    result = {}
+    base = np.frombuffer(view, np.uint8).ctypes.data
+    for name, payload in payloads:
+        address = np.frombuffer(payload, np.uint8).ctypes.data if len(payload) else 0
+        if address % _FEED_ALIGNMENT == 0:
+            result[name] = payload
+            continue
+        spare += -(base + spare) % _FEED_ALIGNMENT
+        slot = view[spare : spare + len(payload)]
+        slot[:] = payload
+        result[name] = slot
+        spare += len(payload)
+    return result
+
+
+def _parse_stripped(stripped: bytes | memoryview, relpath: str) -> Any:
+    """The GraphDef without its large constants' bytes; None to parse the whole file instead."""
+    from google.protobuf import message, unknown_fields
+
+    from tfmerge.tfcore import graph_pb2
+
+    graph_def = graph_pb2.GraphDef()
+    try:
+        graph_def.ParseFromString(stripped)
+    except message.DecodeError:
+        return None  # the whole file's parse gives the reason
+    if len(unknown_fields.UnknownFieldSet(graph_def)):
+        return None
+    return graph_def
+
+
+class _Digest:
+    """sha256 of a buffer, computed on another core while the graph is parsed."""
+
+    def __init__(self, data: memoryview) -> None:
+        self._hash = hashlib.sha256()
+        self._thread = threading.Thread(target=self._hash.update, args=(data,), name="sha256")
+        self._thread.start()
+
+    def join(self) -> str:
+        self._thread.join()
+        return self._hash.hexdigest()
 
 
 def op_triples(graph_def: Any) -> Iterator[tuple[str, str, str | None]]:
@@ -194,6 +335,23 @@ def constant_array(node: Any) -> np.ndarray:
     return array.reshape(shape)
 
 
+def _payload_array(node: Any, payload: memoryview) -> np.ndarray:
+    """A large Const's value as a view of its bytes in the file's buffer (no copy)."""
+    from tfmerge import tfcore
+
+    value = node.attr["value"].tensor
+    dtype = tfcore.dtypes.as_dtype(value.dtype)
+    shape = [d.size for d in value.tensor_shape.dim]
+    try:
+        array: np.ndarray = np.frombuffer(payload, dtype=dtype.as_numpy_dtype)
+        return array.reshape(shape)
+    except ValueError as exc:
+        raise ModelRejected(
+            "invalid_graph",
+            f"constant {node.name!r} holds {len(payload)} bytes, not a {dtype.name} {shape}",
+        ) from exc
+
+
 @dataclass(frozen=True)
 class LargeConstant:
     """A large Const set aside from its graph: what the check feeds and the merge stores."""
@@ -204,19 +362,27 @@ class LargeConstant:
     value: np.ndarray
 
 
-def split_large_constants(graph_def: Any) -> tuple[Any, list[LargeConstant]]:
+def split_large_constants(
+    graph_def: Any, payloads: Mapping[str, memoryview] | None = None
+) -> tuple[Any, list[LargeConstant]]:
     """The graph with every large Const replaced by a Placeholder of the same name and type.
 
     Running it with each such placeholder fed the constant's value computes exactly what the
     frozen graph computes, without TensorFlow copying those bytes into the graph. The
     placeholders keep the constants' private attributes (colocation): the merge turns them into
-    variable reads.
+    variable reads. ``payloads`` holds the contents read_graph left out of graph_def.
     """
+    payloads = payloads or {}
     light = type(graph_def)()
     light.versions.CopyFrom(graph_def.versions)
     light.library.CopyFrom(graph_def.library)
     large = []
     for node in graph_def.node:
+        payload = payloads.get(node.name)
+        if payload is not None and not is_large_constant(node):
+            # Not a constant the merge moves (quantized, say): its bytes go back in the graph.
+            node.attr["value"].tensor.tensor_content = bytes(payload)
+            payload = None
         if is_large_constant(node):
             value = node.attr["value"].tensor
             placeholder = light.node.add(name=node.name, op="Placeholder", device=node.device)
@@ -226,7 +392,7 @@ def split_large_constants(graph_def: Any) -> tuple[Any, list[LargeConstant]]:
             for key, attr in node.attr.items():
                 if key.startswith("_"):
                     placeholder.attr[key].CopyFrom(attr)
-            array = constant_array(node)
+            array = constant_array(node) if payload is None else _payload_array(node, payload)
             large.append(LargeConstant(node.name, value.dtype, array.shape, array))
         else:
             light.node.add().CopyFrom(node)

@@ -67,7 +67,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
+def atomic_write(path: Path, data: bytes | memoryview, *, durable: bool = True) -> None:
     """Replace path with data so a reader sees the old bytes or the new ones, never a mix.
 
     ``durable`` also waits until the bytes are on disk, so they survive a power loss.
@@ -115,7 +115,7 @@ class Store:
     def blob_path(self, sha256: str, suffix: str) -> Path:
         return self.blobs / f"{sha256}{suffix}"
 
-    def write_blob(self, sha256: str, suffix: str, data: bytes) -> None:
+    def write_blob(self, sha256: str, suffix: str, data: bytes | memoryview) -> None:
         path = self.blob_path(sha256, suffix)
         if not path.exists():
             # Not synced: a blob torn by a power loss fails its sha256 check when it is next

@@ -97,6 +97,11 @@ def tf_baseline() -> Measured:
     return measure([sys.executable, "-c", "import tensorflow"])
 
 
+def core_baseline() -> Measured:
+    """The part of TensorFlow a tfmerge build imports (tfmerge/tfcore.py)."""
+    return measure([sys.executable, "-c", "import tfmerge.tfcore"])
+
+
 def copy_floor(model_set: ModelSet, work: Path) -> ToolRun:
     target = work / "copy"
     shutil.rmtree(target, ignore_errors=True)
@@ -196,8 +201,15 @@ def run_set(model_set: ModelSet, runs: int, work: Path, log: Any = print) -> Set
     for index in range(runs):
         # Other work on the host shows here: the 1-minute load average as the run starts.
         load = os.getloadavg()[0]
-        base = tf_baseline()
-        result.baseline.append({"seconds": base.wall_seconds, "peak_rss": base.peak_rss_bytes})
+        base, core = tf_baseline(), core_baseline()
+        result.baseline.append(
+            {
+                "seconds": base.wall_seconds,
+                "peak_rss": base.peak_rss_bytes,
+                "core_seconds": core.wall_seconds,
+                "core_peak_rss": core.peak_rss_bytes,
+            }
+        )
         order = TOOLS[index % 3 :] + TOOLS[: index % 3]
         tools: dict[str, ToolRun] = {}
         for tool in order:

@@ -244,32 +244,56 @@ def _externalise(
     graph_def.node.extend(handles)
 
 
+#: At most this many RestoreV2 ops share the variables: TensorFlow runs them on parallel threads,
+#: and filling fresh memory is most of a restore's time.
+_RESTORE_OPS = 8
+
+
+def _restore_groups(writer: _Variables) -> list[list[int]]:
+    """The variables' indices split into groups of about equal bytes, largest first."""
+    count = min(_RESTORE_OPS, len(writer.entries))
+    groups: list[list[int]] = [[] for _ in range(count)]
+    loads = [0] * count
+    for index in sorted(range(len(writer.entries)), key=lambda i: -writer.entries[i].size):
+        lightest = loads.index(min(loads))
+        groups[lightest].append(index)
+        loads[lightest] += writer.entries[index].size
+    return [sorted(group) for group in groups]
+
+
 def _add_restore(head: Any, writer: _Variables, saver_def: Any) -> None:
     """The nodes the SavedModel loader runs to fill the variables from ``variables/``."""
     from tfmerge import tfcore
 
     scope = _SAVER_SCOPE
+    string = tfcore.dtypes.string.as_datatype_enum
     filename = head.node.add(name=f"{scope}/filename", op="Const")
-    filename.attr["dtype"].type = tfcore.dtypes.string.as_datatype_enum
+    filename.attr["dtype"].type = string
     filename.attr["value"].tensor.CopyFrom(tfcore.make_tensor_proto("model"))
-    slices = [""] * len(writer.names)
-    for name, values in (("tensor_names", writer.names), ("shape_and_slices", slices)):
-        const = head.node.add(name=f"{scope}/{name}", op="Const")
-        const.attr["dtype"].type = tfcore.dtypes.string.as_datatype_enum
-        const.attr["value"].tensor.CopyFrom(
-            tfcore.make_tensor_proto(values, dtype=tfcore.dtypes.string)
-        )
-    restore = head.node.add(name=f"{scope}/RestoreV2", op="RestoreV2")
-    restore.input.extend(
-        f"{scope}/{name}" for name in ("filename", "tensor_names", "shape_and_slices")
-    )
-    restore.attr["dtypes"].list.type.extend(writer.dtypes)
     restore_all = head.node.add(name=f"{scope}/restore_all", op="NoOp")
-    for index, (handle, dtype) in enumerate(zip(writer.handles, writer.dtypes, strict=True)):
-        assign = head.node.add(name=f"{scope}/assign_{index}", op="AssignVariableOp")
-        assign.input.extend([handle, f"{scope}/RestoreV2:{index}"])
-        assign.attr["dtype"].type = dtype
-        restore_all.input.append(f"^{assign.name}")
+    names, dtypes = writer.names, writer.dtypes
+    for number, group in enumerate(_restore_groups(writer)):
+        part = f"{scope}/part_{number}"
+        slices = [""] * len(group)
+        for name, values in (
+            ("tensor_names", [names[i] for i in group]),
+            ("shape_and_slices", slices),
+        ):
+            const = head.node.add(name=f"{part}/{name}", op="Const")
+            const.attr["dtype"].type = string
+            const.attr["value"].tensor.CopyFrom(
+                tfcore.make_tensor_proto(values, dtype=tfcore.dtypes.string)
+            )
+        restore = head.node.add(name=f"{part}/RestoreV2", op="RestoreV2")
+        restore.input.extend(
+            [f"{scope}/filename", f"{part}/tensor_names", f"{part}/shape_and_slices"]
+        )
+        restore.attr["dtypes"].list.type.extend(dtypes[i] for i in group)
+        for output, index in enumerate(group):
+            assign = head.node.add(name=f"{scope}/assign_{index}", op="AssignVariableOp")
+            assign.input.extend([writer.handles[index], f"{part}/RestoreV2:{output}"])
+            assign.attr["dtype"].type = dtypes[index]
+            restore_all.input.append(f"^{assign.name}")
     saver_def.filename_tensor_name = f"{scope}/filename:0"
     # The loader only restores; a save tensor is required by the SaverDef but never run.
     saver_def.save_tensor_name = f"{scope}/filename:0"

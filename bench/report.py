@@ -225,6 +225,18 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 axis.axhline(
                     baseline / MiB, color="tab:green", linestyle=":", label="import tensorflow"
                 )
+            core = median(
+                [
+                    b["core_peak_rss"]
+                    for n in names
+                    for b in results["sets"][n]["baseline"]
+                    if "core_peak_rss" in b
+                ]
+            )
+            if core is not None:
+                axis.axhline(
+                    core / MiB, color="tab:blue", linestyle=":", label="import tfmerge.tfcore"
+                )
         axis.set_xscale("log")
         axis.set_yscale("log")
         plain = mpl.ticker.FuncFormatter(lambda value, _position: f"{value:g}")

@@ -70,13 +70,13 @@ class Writer:
         ]
 
     def entries(self, sha256: str) -> list[bundle.Entry]:
-        """Where a graph's constants are in the data file (complete once finish() returned)."""
+        """Where a graph's constants are in the data file."""
         return self._entries.get(sha256, [])
 
     def finish(self) -> None:
-        """Wait for every write, raise the first one's error, and start the data's writeback.
+        """Wait for every copy, raise the first one's error, and start the data's writeback.
 
-        The buffers are let go: the merge and the verification need the memory more.
+        The buffer is let go: the merge and the verification need the memory more.
         """
         self._finished = True
         try:

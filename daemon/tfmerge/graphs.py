@@ -174,10 +174,10 @@ def read_graph(
 ) -> GraphRead:
     """Read a graph file into one buffer, hash it and parse it without copying its constants.
 
-    Every large constant's bytes end up aligned for TensorFlow to feed them without a copy: the
-    largest by placing the file in the buffer, the others by one copy each into the buffer's
-    spare room (cheaper than TensorFlow's copy into fresh memory). ``buffer_for(n)`` gives
-    the buffer, of at least n bytes.
+    Every large constant's bytes end up aligned for TensorFlow to feed them without a copy, by
+    one copy each into the buffer's spare room (cheaper than TensorFlow's own copy into fresh
+    memory, and the file's bytes stay as read for the hash). ``buffer_for(n)`` gives the
+    buffer, of at least n bytes.
     """
     try:
         with path.open("rb", buffering=0) as handle:
@@ -198,25 +198,20 @@ def read_graph(
     except OSError as exc:
         raise ModelRejected("unreadable", f"cannot read: {exc.strerror or exc}") from exc
     data = view[:done]
-    stripped: bytes | memoryview = data
-    found: list[wire.Payload] = []
-    if not relpath.endswith(".pbtxt"):
-        try:
-            stripped, found = wire.split_payloads(data, LARGE_CONSTANT_BYTES)
-        except wire.Unusual:
-            stripped, found = data, []
-    shift = 0
-    if found:
-        shift = -max(found, key=lambda p: p.stop - p.start).start % _FEED_ALIGNMENT
-        if shift:
-            buffer.move(shift, 0, done)
-            data = view[shift : shift + done]
+    # Hashed on another core while the graph is parsed: nothing below writes to data.
     digest = _Digest(data)
     try:
-        graph_def = _parse_stripped(stripped, relpath) if found else None
+        stripped: bytes | memoryview = data
+        found: list[wire.Payload] = []
+        if not relpath.endswith(".pbtxt"):
+            try:
+                stripped, found = wire.split_payloads(data, LARGE_CONSTANT_BYTES)
+            except wire.Unusual:
+                stripped, found = data, []
+        graph_def = _parse_stripped(stripped) if found else None
         if graph_def is None:
             graph_def = parse_graph_def(data, relpath)
-        payloads = _aligned(view, shift + done, [(p.node, data[p.start : p.stop]) for p in found])
+        payloads = _aligned(view, done, [(p.node, data[p.start : p.stop]) for p in found])
     finally:
         sha256 = digest.join()
     return GraphRead(sha256, data, graph_def, payloads)
@@ -241,7 +236,7 @@ def _aligned(
     return result
 
 
-def _parse_stripped(stripped: bytes | memoryview, relpath: str) -> Any:
+def _parse_stripped(stripped: bytes | memoryview) -> Any:
     """The GraphDef without its large constants' bytes; None to parse the whole file instead."""
     from google.protobuf import message, unknown_fields
 

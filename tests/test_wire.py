@@ -190,3 +190,14 @@ def test_a_cut_off_file_is_refused_as_unparseable(tmp_path: Path, cut: int) -> N
     with pytest.raises(graphs.ModelRejected) as caught:
         graphs.read_graph(path, "g.pb", 1 << 40)
     assert caught.value.code == "unparseable"
+
+
+def test_a_node_without_an_op_is_refused_beside_large_constants(tmp_path: Path) -> None:
+    graph_def, _ = _graph()
+    graph_def.node.add(name="nameless_op")
+    path = tmp_path / "g.pb"
+    path.write_bytes(graph_def.SerializeToString(deterministic=True))
+    with pytest.raises(graphs.ModelRejected) as caught:
+        graphs.read_graph(path, "g.pb", 1 << 40)
+    assert caught.value.code == "not_a_graphdef"
+    assert "no op" in caught.value.reason

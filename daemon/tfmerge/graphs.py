@@ -61,8 +61,14 @@ class TensorSig:
         }
 
 
-def parse_graph_def(data: bytes | memoryview, relpath: str) -> Any:
-    """Parse binary (``.pb``) or text (``.pbtxt``) GraphDef bytes, refusing what is not one."""
+def parse_graph_def(
+    data: bytes | memoryview, relpath: str, stripped: bytes | memoryview | None = None
+) -> Any:
+    """Parse binary (``.pb``) or text (``.pbtxt``) GraphDef bytes, refusing what is not one.
+
+    ``stripped`` is the same binary GraphDef without its large constants' bytes
+    (wire.split_payloads): parsed instead of data when it parses cleanly.
+    """
     from google.protobuf import message, text_format, unknown_fields
 
     from tfmerge.tfcore import graph_pb2
@@ -75,6 +81,8 @@ def parse_graph_def(data: bytes | memoryview, relpath: str) -> Any:
             text_format.Parse(bytes(data).decode("utf-8"), graph_def)
         except (text_format.ParseError, UnicodeDecodeError) as exc:
             raise ModelRejected("unparseable", f"not a text GraphDef: {exc}") from exc
+    elif stripped is not None and (clean := _parse_clean(stripped)) is not None:
+        graph_def = clean
     else:
         try:
             graph_def.ParseFromString(data)
@@ -208,9 +216,7 @@ def read_graph(
                 stripped, found = wire.split_payloads(data, LARGE_CONSTANT_BYTES)
             except wire.Unusual:
                 stripped, found = data, []
-        graph_def = _parse_stripped(stripped) if found else None
-        if graph_def is None:
-            graph_def = parse_graph_def(data, relpath)
+        graph_def = parse_graph_def(data, relpath, stripped if found else None)
         payloads = _aligned(view, done, [(p.node, data[p.start : p.stop]) for p in found])
     finally:
         sha256 = digest.join()
@@ -236,20 +242,18 @@ def _aligned(
     return result
 
 
-def _parse_stripped(stripped: bytes | memoryview) -> Any:
-    """The GraphDef without its large constants' bytes; None to parse the whole file instead."""
+def _parse_clean(data: bytes | memoryview) -> Any:
+    """The binary GraphDef in data, or None if it does not parse without unknown fields."""
     from google.protobuf import message, unknown_fields
 
     from tfmerge.tfcore import graph_pb2
 
     graph_def = graph_pb2.GraphDef()
     try:
-        graph_def.ParseFromString(stripped)
+        graph_def.ParseFromString(data)
     except message.DecodeError:
-        return None  # the whole file's parse gives the reason
-    if len(unknown_fields.UnknownFieldSet(graph_def)):
         return None
-    return graph_def
+    return None if len(unknown_fields.UnknownFieldSet(graph_def)) else graph_def
 
 
 class _Digest:

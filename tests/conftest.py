@@ -9,6 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Property tests draw the same examples on every run: a failure reproduces, a pass is no luck.
+settings.register_profile("tfmerge", derandomize=True, database=None, deadline=None)
+settings.load_profile("tfmerge")
 
 REPO = Path(__file__).resolve().parent.parent
 HYAUDIO = REPO.parent / "shared" / "fixtures" / "hyaudio" / "hyaudio.pb"

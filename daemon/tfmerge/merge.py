@@ -255,7 +255,8 @@ def _restore_groups(writer: _Variables) -> list[list[int]]:
     groups: list[list[int]] = [[] for _ in range(count)]
     loads = [0] * count
     for index in sorted(range(len(writer.entries)), key=lambda i: -writer.entries[i].size):
-        lightest = loads.index(min(loads))
+        # Fewest tensors breaks ties, so that no restore op is left without any.
+        lightest = min(range(count), key=lambda g: (loads[g], len(groups[g])))
         groups[lightest].append(index)
         loads[lightest] += writer.entries[index].size
     return [sorted(group) for group in groups]

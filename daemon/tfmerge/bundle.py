@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Self
 
 import google_crc32c
 
+from tfmerge.wire import encode_varint
+
 if TYPE_CHECKING:
     import numpy as np
     from typing_extensions import Buffer
@@ -232,15 +234,6 @@ class DataWriter:
                 self._fd = None
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 class _BlockBuilder:
     """A table block with a restart point at every entry: no key shares a prefix.
 
@@ -254,7 +247,9 @@ class _BlockBuilder:
 
     def add(self, key: bytes, value: bytes) -> None:
         self._restarts.append(len(self._buf))
-        self._buf += _varint(0) + _varint(len(key)) + _varint(len(value)) + key + value
+        self._buf += (
+            encode_varint(0) + encode_varint(len(key)) + encode_varint(len(value)) + key + value
+        )
 
     @property
     def empty(self) -> bool:
@@ -274,7 +269,7 @@ def _sstable(items: Sequence[tuple[bytes, bytes]]) -> bytes:
     out = bytearray()
 
     def write_block(contents: bytes) -> bytes:
-        handle = _varint(len(out)) + _varint(len(contents))
+        handle = encode_varint(len(out)) + encode_varint(len(contents))
         crc = google_crc32c.extend(google_crc32c.value(contents), _NO_COMPRESSION)
         out.extend(contents)
         out.extend(_NO_COMPRESSION + struct.pack("<I", masked_crc32c(crc)))

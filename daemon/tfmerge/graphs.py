@@ -69,39 +69,24 @@ def parse_graph_def(
     ``stripped`` is the same binary GraphDef without its large constants' bytes
     (wire.split_payloads): parsed instead of data when it parses cleanly.
     """
-    from google.protobuf import message, text_format, unknown_fields
+    from google.protobuf import text_format
 
     from tfmerge.tfcore import graph_pb2
 
     if not data:
         raise ModelRejected("empty_file", "the file is empty")
-    graph_def = graph_pb2.GraphDef()
     if relpath.endswith(".pbtxt"):
+        graph_def = graph_pb2.GraphDef()
         try:
             text_format.Parse(bytes(data).decode("utf-8"), graph_def)
         except (text_format.ParseError, UnicodeDecodeError) as exc:
             raise ModelRejected("unparseable", f"not a text GraphDef: {exc}") from exc
-    elif stripped is not None and (clean := _parse_clean(stripped)) is not None:
-        graph_def = clean
     else:
-        try:
-            graph_def.ParseFromString(data)
-            error = None
-        except message.DecodeError as exc:
-            error = exc
-        if error is not None or len(unknown_fields.UnknownFieldSet(graph_def)):
-            if _is_saved_model(data):
-                raise ModelRejected(
-                    "not_a_graphdef",
-                    "the file is a SavedModel's saved_model.pb, not a frozen graph",
-                )
-            if error is None:
-                raise ModelRejected("not_a_graphdef", "the file is not a GraphDef")
-            raise ModelRejected(
-                "unparseable",
-                f"cannot parse as a binary GraphDef ({error}): "
-                "a truncated upload, or not a GraphDef",
-            ) from error
+        graph_def = _parse_clean(stripped) if stripped is not None else None
+        if graph_def is None:
+            graph_def = _parse_clean(data)
+        if graph_def is None:
+            raise _not_a_graph_def(data)
     if not graph_def.node:
         raise ModelRejected("not_a_graphdef", "the GraphDef has no nodes")
     for node in graph_def.node:
@@ -242,6 +227,26 @@ def _aligned(
     return result
 
 
+def _not_a_graph_def(data: bytes | memoryview) -> ModelRejected:
+    """Why binary bytes that do not parse cleanly as a GraphDef are refused."""
+    from google.protobuf import message
+
+    from tfmerge.tfcore import graph_pb2
+
+    if _is_saved_model(data):
+        return ModelRejected(
+            "not_a_graphdef", "the file is a SavedModel's saved_model.pb, not a frozen graph"
+        )
+    try:
+        graph_pb2.GraphDef().ParseFromString(data)
+    except message.DecodeError as error:
+        return ModelRejected(
+            "unparseable",
+            f"cannot parse as a binary GraphDef ({error}): a truncated upload, or not a GraphDef",
+        )
+    return ModelRejected("not_a_graphdef", "the file is not a GraphDef")
+
+
 def _parse_clean(data: bytes | memoryview) -> Any:
     """The binary GraphDef in data, or None if it does not parse without unknown fields."""
     from google.protobuf import message, unknown_fields
@@ -323,31 +328,22 @@ def is_large_constant(node: Any) -> bool:
     return not any(len(getattr(value, field)) for field in _TYPED_VALUE_FIELDS)
 
 
-def constant_array(node: Any) -> np.ndarray:
-    """The value of a large Const as an array (one copy of its bytes)."""
+def constant_array(node: Any, payload: memoryview | None = None) -> np.ndarray:
+    """The value of a large Const as an array: a view of ``payload``, the tensor_content that
+    read_graph left out of the node, or else one copy of the node's own tensor_content."""
     from tfmerge import tfcore
 
     value = node.attr["value"].tensor
-    dtype = tfcore.dtypes.as_dtype(value.dtype)
-    shape = [d.size for d in value.tensor_shape.dim]
-    array: np.ndarray = np.frombuffer(value.tensor_content, dtype=dtype.as_numpy_dtype)
-    return array.reshape(shape)
-
-
-def _payload_array(node: Any, payload: memoryview) -> np.ndarray:
-    """A large Const's value as a view of its bytes in the file's buffer (no copy)."""
-    from tfmerge import tfcore
-
-    value = node.attr["value"].tensor
+    content = value.tensor_content if payload is None else payload
     dtype = tfcore.dtypes.as_dtype(value.dtype)
     shape = [d.size for d in value.tensor_shape.dim]
     try:
-        array: np.ndarray = np.frombuffer(payload, dtype=dtype.as_numpy_dtype)
+        array: np.ndarray = np.frombuffer(content, dtype=dtype.as_numpy_dtype)
         return array.reshape(shape)
     except ValueError as exc:
         raise ModelRejected(
             "invalid_graph",
-            f"constant {node.name!r} holds {len(payload)} bytes, not a {dtype.name} {shape}",
+            f"constant {node.name!r} holds {len(content)} bytes, not a {dtype.name} {shape}",
         ) from exc
 
 
@@ -391,7 +387,7 @@ def split_large_constants(
             for key, attr in node.attr.items():
                 if key.startswith("_"):
                     placeholder.attr[key].CopyFrom(attr)
-            array = constant_array(node) if payload is None else _payload_array(node, payload)
+            array = constant_array(node, payload)
             large.append(LargeConstant(node.name, value.dtype, array.shape, array))
         else:
             light.node.add().CopyFrom(node)

@@ -22,6 +22,7 @@ from typing import Any
 
 from tfmerge import bundle
 from tfmerge.graphs import TensorSig
+from tfmerge.wire import length_field_key
 
 #: Name of the NoOp that runs every graph's initializers when the SavedModel loads.
 MAIN_OP_NAME = "tfmerge_main_op"
@@ -302,22 +303,6 @@ def _add_restore(head: Any, writer: _Variables, saver_def: Any) -> None:
     saver_def.version = saver_def.V2
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _field_header(number: int, length: int) -> bytes:
-    return _varint((number << 3) | 2) + _varint(length)
-
-
 def _write_chunks(path: Path, chunks: Sequence[bytes]) -> int:
     """Not synced: publish syncs the whole version before it renames it into place."""
     with path.open("wb") as handle:
@@ -416,12 +401,12 @@ def merge(
         meta.signature_def[alias].CopyFrom(meta.signature_def[target])
     meta_bytes = meta.SerializeToString(deterministic=True)
     nodes_payload = sum(len(c) for c in node_chunks)
-    meta_length = len(meta_bytes) + len(_field_header(2, nodes_payload)) + nodes_payload
+    meta_length = len(meta_bytes) + len(length_field_key(2, nodes_payload)) + nodes_payload
     chunks = [
         b"\x08\x01",  # SavedModel.saved_model_schema_version = 1
-        _field_header(2, meta_length),  # SavedModel.meta_graphs[0]
+        length_field_key(2, meta_length),  # SavedModel.meta_graphs[0]
         meta_bytes,
-        _field_header(2, nodes_payload),  # MetaGraphDef.graph_def, merged into the one above
+        length_field_key(2, nodes_payload),  # MetaGraphDef.graph_def, merged into the one above
         *node_chunks,
     ]
     written = _write_chunks(export_dir / "saved_model.pb", chunks)

@@ -123,11 +123,13 @@ def _path_to_content(buf: memoryview, node: _Field, threshold: int) -> list[_Fie
     return [entry, value, tensor, content]
 
 
-def _key(number: int, length: int) -> bytes:
-    return _encode((number << 3) | _LEN) + _encode(length)
+def length_field_key(number: int, length: int) -> bytes:
+    """The key and length that start a length-delimited field (a message, bytes, a string)."""
+    return encode_varint((number << 3) | _LEN) + encode_varint(length)
 
 
-def _encode(value: int) -> bytes:
+def encode_varint(value: int) -> bytes:
+    """A non-negative integer as a protobuf (and LevelDB) base-128 varint."""
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -145,7 +147,7 @@ def _without(buf: memoryview, outer: _Field, path: Sequence[_Field]) -> bytes:
     return b"".join(
         (
             buf[outer.start : child.header],
-            _key(child.number, len(rebuilt)),
+            length_field_key(child.number, len(rebuilt)),
             rebuilt,
             buf[child.stop : outer.stop],
         )
@@ -180,7 +182,7 @@ def split_payloads(data: memoryview, threshold: int) -> tuple[bytes | memoryview
         if path is None:
             continue
         rebuilt = _without(buf, node, path)
-        parts += [buf[done : node.header], _key(_GRAPH_NODE, len(rebuilt)), rebuilt]
+        parts += [buf[done : node.header], length_field_key(_GRAPH_NODE, len(rebuilt)), rebuilt]
         done = node.stop
         content = path[-1]
         payloads.append(Payload(_name(buf, node), content.start, content.stop))

@@ -453,6 +453,8 @@ def _entry(key: str = "w", **changes: Any) -> Entry:
         ([_entry(size=4)], r"4 bytes, but shape \(2,\) of dtype 1 takes 8"),
         ([_entry(shape=(-1,))], "negative dimension"),
         ([_entry(crc32c=1 << 32)], "bad offset or crc32c"),
+        ([_entry(shard=1)], "shard 1 of 1"),
+        ([_entry(shard=-1)], "shard -1 of 1"),
     ],
 )
 def test_write_index_refuses_a_bad_entry(
@@ -472,3 +474,49 @@ def test_a_bundle_of_one_empty_tensor(tmp_path: Path) -> None:
     assert_same_tensor(
         restore(prefix, ["nothing"], [tf.float32])[0], np.zeros((0,), dtype=np.float32)
     )
+
+
+def test_a_bundle_in_shards_reads_tensors_among_other_bytes(tmp_path: Path) -> None:
+    # Shard 0 is written by the DataWriter; shard 1 is a file with other bytes around and
+    # between its tensors, as an input graph file is when it is its own constants' shard.
+    prefix = tmp_path / "variables"
+    own = {"own/a": np.arange(10, dtype=np.float32), "own/b": np.ones((3, 2), dtype=np.int64)}
+    entries = write_bundle(prefix, own)
+    bundle.data_path(prefix).rename(bundle.data_path(prefix, 0, 2))
+    inside = {
+        "in/w": np.linspace(-1, 1, 300, dtype=np.float32).reshape(20, 15),
+        "in/v": np.arange(7, dtype=np.uint8),
+    }
+    layout = bytearray(b"head" * 9)
+    for name, array in inside.items():
+        entries.append(
+            Entry(
+                name,
+                datatype(array),
+                array.shape,
+                len(layout),
+                array.nbytes,
+                google_crc32c.value(array.tobytes()),
+                shard=1,
+            )
+        )
+        layout += array.tobytes() + b"between"
+    bundle.data_path(prefix, 1, 2).write_bytes(bytes(layout) + b"tail")
+    write_index(prefix, entries, shards=2)
+
+    assert bundle.data_path(prefix, 1, 2).name == "variables.data-00001-of-00002"
+    reader = tf.train.load_checkpoint(str(prefix))
+    tensors = {**own, **inside}
+    for name, array in tensors.items():
+        assert_same_tensor(reader.get_tensor(name), array)
+    names = sorted(tensors)
+    restored = restore(prefix, names, [tf.as_dtype(tensors[n].dtype) for n in names])
+    for name, got in zip(names, restored, strict=True):
+        assert_same_tensor(got, tensors[name])
+
+
+def test_a_data_path_names_only_shards_that_exist() -> None:
+    assert bundle.data_path(Path("v"), 11, 12) == Path("v.data-00011-of-00012")
+    for shard, shards in ((1, 1), (-1, 2), (0, 0)):
+        with pytest.raises(ValueError, match=f"shard {shard} of {shards} does not exist"):
+            bundle.data_path(Path("v"), shard, shards)

@@ -1,9 +1,12 @@
 """A direct writer of TensorFlow's checkpoint format V2 (a "tensor bundle"). Worker side.
 
-A bundle is ``PREFIX.data-00000-of-00001``, the tensors' raw bytes back to back, and
-``PREFIX.index``, an SSTable (LevelDB's table format, as TensorFlow's ``table_builder.cc``
-writes it) mapping each tensor name to a ``BundleEntryProto`` (dtype, shape, offset, size,
-masked crc32c of the bytes), plus a ``BundleHeaderProto`` under the empty key.
+A bundle is one or more data shards, ``PREFIX.data-0000I-of-0000N``, holding the tensors'
+raw bytes, and ``PREFIX.index``, an SSTable (LevelDB's table format, as TensorFlow's
+``table_builder.cc`` writes it) mapping each tensor name to a ``BundleEntryProto`` (dtype,
+shape, shard, offset, size, masked crc32c of the bytes), plus a ``BundleHeaderProto`` (the
+number of shards) under the empty key. A reader reads only the bytes an entry points at, so
+a shard may hold other bytes too: an input graph file serves as the shard of its own
+constants, their entries pointing into it.
 
 TensorFlow's SaveV2 copies every tensor into a tensor, then into its own write buffer; here
 the bytes go from the caller's buffer to the file with ``os.write`` and are checksummed in
@@ -69,7 +72,6 @@ ITEM_SIZES: dict[int, int] = {
     33: 1,  # float4_e2m1fn
 }
 
-_DATA_SUFFIX = ".data-00000-of-00001"
 _INDEX_SUFFIX = ".index"
 
 # The SSTable constants of TensorFlow's lib/io: table_options.h, format.h.
@@ -85,9 +87,11 @@ _WRITE_CHUNK = 1 << 30
 _BUNDLE_VERSION = 1
 
 
-def data_path(prefix: Path) -> Path:
-    """Where the single data shard of the bundle at ``prefix`` lives."""
-    return Path(f"{prefix}{_DATA_SUFFIX}")
+def data_path(prefix: Path, shard: int = 0, shards: int = 1) -> Path:
+    """Where data shard ``shard`` of ``shards`` of the bundle at ``prefix`` lives."""
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} of {shards} does not exist")
+    return Path(f"{prefix}.data-{shard:05d}-of-{shards:05d}")
 
 
 def index_path(prefix: Path) -> Path:
@@ -111,6 +115,7 @@ class Entry:
     offset: int  # in the data file
     size: int  # bytes
     crc32c: int  # unmasked crc32c of the bytes
+    shard: int = 0  # which data file
 
 
 def _byte_view(data: Buffer | np.ndarray) -> memoryview:
@@ -125,6 +130,11 @@ def _byte_view(data: Buffer | np.ndarray) -> memoryview:
         return memoryview(np.frombuffer(data, dtype=np.uint8))
     except (ValueError, BufferError) as exc:
         raise ValueError(f"tensor bytes must be one C-contiguous buffer: {exc}") from exc
+
+
+def checksum(data: Buffer | np.ndarray) -> int:
+    """The unmasked crc32c of ``data``'s bytes (one C-contiguous buffer), read in place."""
+    return int(google_crc32c.value(_byte_view(data).obj))
 
 
 class DataWriter:
@@ -187,7 +197,7 @@ class DataWriter:
         view = _byte_view(data)
         fd = self._open()
         size = view.nbytes
-        crc = google_crc32c.value(view.obj)
+        crc = int(google_crc32c.value(view.obj))
         offset = self._written
         done = 0
         try:
@@ -309,14 +319,14 @@ def _check(entry: Entry) -> None:
         raise ValueError(f"tensor {entry.key!r}: bad offset or crc32c in {entry}")
 
 
-def write_index(prefix: Path, entries: Sequence[Entry]) -> Path:
-    """Writes PREFIX.index for ``entries`` (any order); returns its path.
+def write_index(prefix: Path, entries: Sequence[Entry], shards: int = 1) -> Path:
+    """Writes PREFIX.index for ``entries`` (any order) in ``shards`` data files; returns its path.
 
     Not synced: the version is synced as a whole when it is published, and a sync here would
     wait for the journal to take the data file with it.
 
     Raises ValueError on a duplicate or empty key (the empty key holds the header), a
-    non-numeric dtype, or a size that does not match the shape.
+    non-numeric dtype, a size that does not match the shape, or a shard out of range.
     """
     from tensorflow.core.framework import tensor_shape_pb2
     from tensorflow.core.protobuf import tensor_bundle_pb2
@@ -329,10 +339,12 @@ def write_index(prefix: Path, entries: Sequence[Entry]) -> Path:
         if key in by_key:
             raise ValueError(f"tensor {entry.key!r} is in the bundle twice")
         _check(entry)
+        if not 0 <= entry.shard < shards:
+            raise ValueError(f"tensor {entry.key!r}: shard {entry.shard} of {shards}")
         by_key[key] = entry
 
     header = tensor_bundle_pb2.BundleHeaderProto(
-        num_shards=1,
+        num_shards=shards,
         endianness=(
             tensor_bundle_pb2.BundleHeaderProto.LITTLE
             if sys.byteorder == "little"
@@ -348,7 +360,7 @@ def write_index(prefix: Path, entries: Sequence[Entry]) -> Path:
             shape=tensor_shape_pb2.TensorShapeProto(
                 dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=dim) for dim in entry.shape]
             ),
-            shard_id=0,
+            shard_id=entry.shard,
             offset=entry.offset,
             size=entry.size,
             crc32c=masked_crc32c(entry.crc32c),

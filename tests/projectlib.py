@@ -57,8 +57,11 @@ class Project:
         self, models: Sequence[Mapping[str, Any]] = (), *, discover: bool = False, **top: Any
     ) -> Path:
         settings = {"discover": discover, "keep_versions": 5, **top}
+        # Relative to the config where it can be; a test may put the state folder elsewhere.
+        state = self.state.relative_to(self.root) if self.state.is_relative_to(self.root) else None
         text = (
-            'frozen_dir = "frozen"\nserving_dir = "serving"\nstate_dir = "state"\n'
+            'frozen_dir = "frozen"\nserving_dir = "serving"\n'
+            f"state_dir = {toml_value(str(state or self.state))}\n"
             + "".join(f"{k} = {toml_value(v)}\n" for k, v in settings.items())
             + "[watch]\nquiet_seconds = 0.3\nmax_wait_seconds = 10.0\n"
             + '[log]\nformat = "json"\nlevel = "debug"\n'

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import os
 import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +16,7 @@ import numpy as np
 import pytest
 
 from tfmerge import exitcodes
+from tfmerge.graphs import LARGE_CONSTANT_BYTES
 
 import graphgen
 from conftest import HYAUDIO
@@ -238,3 +244,207 @@ def test_large_constants_move_into_variables(
     published = run_signatures(version, feeds)
     for index, model in enumerate(big):
         assert_same_outputs(published[f"big{index}"], source_outputs(model, feeds[f"big{index}"]))
+
+
+def _data_files(version: Path) -> list[Path]:
+    return sorted((version / "variables").glob("variables.data-*"))
+
+
+def _shard_of(version: Path, blob: Path) -> Path:
+    """The data file of version that is the very file blob (a hard link to it)."""
+    (shard,) = [f for f in _data_files(version) if f.samefile(blob)]
+    return shard
+
+
+def _blob(project: Project, path: Path) -> Path:
+    return project.state / "blobs" / f"{hashlib.sha256(path.read_bytes()).hexdigest()}.pb"
+
+
+def _padded(model: FrozenModel, path: Path, padding: int) -> FrozenModel:
+    """model with an unused string constant of padding bytes: its large constants are a
+    minority of the file's bytes."""
+    import tensorflow as tf
+
+    graph_def = graphgen.load_graph_def(model.path)
+    node = graph_def.node.add(name="padding", op="Const")
+    node.attr["dtype"].type = tf.string.as_datatype_enum
+    node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(b"p" * padding))
+    path.write_bytes(graph_def.SerializeToString(deterministic=True))
+    return dataclasses.replace(model, path=path)
+
+
+def _as_text(model: FrozenModel, path: Path) -> FrozenModel:
+    from google.protobuf import text_format
+
+    path.write_text(text_format.MessageToString(graph_def := graphgen.load_graph_def(model.path)))
+    assert graph_def.node
+    return dataclasses.replace(model, path=path)
+
+
+def _build_big(
+    project: Project,
+    capsys: pytest.CaptureFixture[str],
+    big: Mapping[str, FrozenModel],
+    refused: Mapping[str, FrozenModel] | None = None,
+) -> Path:
+    """Build big (and refused, declared with an output their graphs lack); check the outputs."""
+    entries = []
+    for name, model in {**big, **(refused or {})}.items():
+        project.add(model, f"{name}{model.path.suffix}")
+        entry = model_entry(name, f"{name}{model.path.suffix}", model, sample=model.sample)
+        if name in (refused or {}):
+            entry["outputs"] = {"probs": "no_such_node:0"}
+        entries.append(entry)
+    project.configure(entries)
+    code, events = project.cli(capsys, "build")
+    assert code == (exitcodes.FAILED if refused else exitcodes.OK), events
+    assert {e["signature"] for e in named(events, "model_rejected")} == set(refused or {})
+    assert one(events, "build_finished")["outcome"] == "published"
+    version = highest(project.serving)
+    feeds = {name: sample_feeds(model) for name, model in big.items()}
+    published = run_signatures(version, feeds)
+    for name, model in big.items():
+        assert_same_outputs(published[name], source_outputs(model, feeds[name]))
+    return version
+
+
+def test_inputs_filled_with_constants_are_their_data_files_linked_from_the_state_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sources = tmp_path / "sources"
+    dense = [
+        graphgen.write_big_dense(sources / f"big{i}.pb", target_bytes=3_000_000, seed=i)
+        for i in range(3)
+    ]
+    big = {
+        "linked_a": dense[0],
+        "linked_b": dense[1],
+        "text": _as_text(dense[2], sources / "text.pbtxt"),
+        "padded": _padded(dense[2], sources / "padded.pb", 8_000_000),
+    }
+    project = Project(tmp_path / "project")
+
+    # A graph that would be its own shard too, but is refused after it was read.
+    version = _build_big(project, capsys, big, refused={"refused": dense[2]})
+
+    # The two binary graphs whose bytes are mostly constants are shards as they are, the same
+    # files as their kept copies; the text graph's and the padded graph's constants are
+    # written into a data file of their own.
+    stats = manifest(version)["stats"]
+    assert (stats["data_shards"], stats["inputs_linked"], stats["inputs_copied"]) == (3, 2, 0)
+    files = _data_files(version)
+    assert [f.name for f in files] == [f"variables.data-0000{i}-of-00003" for i in range(3)]
+    linked = [next(f for f in files if f.samefile(_blob(project, m.path))) for m in dense[:2]]
+    assert [f.read_bytes() for f in linked] == [m.path.read_bytes() for m in dense[:2]]
+    (own,) = set(files) - set(linked)
+    contents = [
+        len(n.attr["value"].tensor.tensor_content)
+        for n in graphgen.load_graph_def(dense[2].path).node
+    ]
+    assert own.stat().st_size == 2 * sum(c for c in contents if c >= LARGE_CONSTANT_BYTES)
+    # Nothing but the bundle is left in variables/, and no temporary file in the state folder.
+    assert sorted(p.name for p in (version / "variables").iterdir()) == [
+        *(f.name for f in files),
+        "variables.index",
+    ]
+    assert not [p for p in (project.state / "blobs").iterdir() if p.name.startswith(".")]
+
+
+def test_a_rebuild_links_what_did_not_change_and_the_kept_copy_of_a_refused_upload(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sources = tmp_path / "sources"
+    big = {
+        name: graphgen.write_big_dense(sources / f"{name}.pb", target_bytes=2_000_000, seed=seed)
+        for seed, name in enumerate(("changed", "refused", "same"))
+    }
+    project = Project(tmp_path / "project")
+    first = _build_big(project, capsys, big)
+    first_shards = {name: _shard_of(first, _blob(project, m.path)) for name, m in big.items()}
+
+    changed = graphgen.write_big_dense(sources / "changed2.pb", target_bytes=2_000_000, seed=7)
+    shutil.copyfile(changed.path, project.frozen / "changed.pb")
+    cut = project.frozen / "refused.pb"
+    cut.write_bytes(cut.read_bytes()[:1_000_000])
+    code, events = project.cli(capsys, "build")
+
+    assert code == exitcodes.FAILED, events
+    assert one(events, "model_kept")["signature"] == "refused"
+    assert one(events, "build_finished")["outcome"] == "published"
+    second = highest(project.serving)
+    assert second != first
+    stats = manifest(second)["stats"]
+    assert (stats["data_shards"], stats["inputs_linked"], stats["inputs_copied"]) == (3, 3, 0)
+    # The unchanged input and the refused one's kept copy are the very files of version 1.
+    assert _shard_of(second, first_shards["same"])
+    assert _shard_of(second, first_shards["refused"])
+    assert _shard_of(second, _blob(project, changed.path))
+    assert len({os.stat(f).st_ino for f in [*first_shards.values(), *_data_files(second)]}) == 4
+    feeds = {name: sample_feeds(model) for name, model in big.items()}
+    published = run_signatures(second, feeds)
+    for name, model in {**big, "changed": changed}.items():
+        assert_same_outputs(published[name], source_outputs(model, feeds[name]))
+
+
+def test_a_torn_kept_copy_is_written_again_before_it_is_linked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = graphgen.write_big_dense(tmp_path / "big.pb", target_bytes=2_000_000)
+    project = Project(tmp_path / "project")
+    # What a power loss can leave of a copy whose bytes never reached the disk.
+    blob = _blob(project, model.path)
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(model.path.read_bytes()[:4096])
+
+    version = _build_big(project, capsys, {"big": model})
+
+    assert blob.read_bytes() == model.path.read_bytes()
+    assert _shard_of(version, blob)
+
+
+@pytest.fixture
+def other_file_system(tmp_path: Path) -> Iterator[Path]:
+    """A folder on another file system than tmp_path (a tmpfs), where hard links fail."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another file system than the test's tmp_path")
+    folder = Path(tempfile.mkdtemp(prefix="tfmerge-state-", dir=shm))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_state_folder_on_another_file_system_gets_its_inputs_copied(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], other_file_system: Path
+) -> None:
+    big = {
+        f"big{i}": graphgen.write_big_dense(tmp_path / f"big{i}.pb", target_bytes=2_000_000, seed=i)
+        for i in range(2)
+    }
+    project = Project(tmp_path / "project")
+    project.state = other_file_system / "state"
+
+    entries = []
+    for name, model in big.items():
+        project.add(model, f"{name}.pb")
+        entries.append(model_entry(name, f"{name}.pb", model, sample=model.sample))
+    project.configure(entries)
+    code, events = project.cli(capsys, "build")
+
+    assert code == exitcodes.OK, events
+    version = highest(project.serving)
+    stats = manifest(version)["stats"]
+    assert (stats["data_shards"], stats["inputs_linked"], stats["inputs_copied"]) == (2, 0, 2)
+    shards = _data_files(version)
+    assert sorted(f.read_bytes() for f in shards) == sorted(
+        m.path.read_bytes() for m in big.values()
+    )
+    for model in big.values():
+        blob = _blob(project, model.path)
+        assert blob.read_bytes() == model.path.read_bytes()
+        assert not any(f.samefile(blob) for f in shards)
+    feeds = {name: sample_feeds(model) for name, model in big.items()}
+    published = run_signatures(version, feeds)
+    for name, model in big.items():
+        assert_same_outputs(published[name], source_outputs(model, feeds[name]))

@@ -27,7 +27,7 @@ from tfmerge.results import BuildResult
 from tfmerge.specs import ModelSpec, Rejection, Resolution, fingerprint, spec_key
 from tfmerge.specs import raw_fingerprint as raw_fingerprint_of
 from tfmerge.store import AcceptedModel, Store
-from tfmerge.writer import Writer
+from tfmerge.writer import Shard, Writer
 
 # TensorFlow's millions of module-level objects never die: keep them out of every garbage
 # collection this process runs (a full collection otherwise takes about 0.2 s).
@@ -58,8 +58,8 @@ def check_model(
 ) -> _Checked:
     """Everything a model must pass before it may be merged; raises ModelRejected.
 
-    With a writer, the input's checked bytes are copied into the state folder (unless it is a
-    kept copy already) and, once it passes, its large constants into the version being built.
+    With a writer, the input's bytes are copied into the state folder (unless it is a kept
+    copy already) and, once it passes, its large constants go into the version being built.
     With a sha256, the file must have those very bytes (a kept copy).
     """
     if writer is None:
@@ -68,11 +68,12 @@ def check_model(
         read = graphs.read_graph(path, spec.relpath, config.max_model_bytes, writer.buffer)
     if sha256 is not None and read.sha256 != sha256:
         raise ModelRejected("damaged", "the kept copy in the state folder is damaged")
-    if writer is not None and not kept:
+    shard = None
+    if writer is not None:
         # A refused file's copy is collected with the other unused ones after the next publish.
         suffix = ".pbtxt" if spec.relpath.endswith(".pbtxt") else ".pb"
-        writer.keep_input(read.sha256, suffix, read.data)
-    return _check_parsed(spec, read, config, log=log, kept=kept, writer=writer)
+        shard = writer.keep_input(read, suffix, kept=kept)
+    return _check_parsed(spec, read, config, log=log, kept=kept, writer=writer, shard=shard)
 
 
 def _check_parsed(
@@ -83,10 +84,11 @@ def _check_parsed(
     log: Any,
     kept: bool,
     writer: Writer | None,
+    shard: Shard | None,
 ) -> _Checked:
     sha256, size = read.sha256, len(read.data)
     graphs.check_ops(read.graph_def, config.allow_ops)
-    light, large = graphs.split_large_constants(read.graph_def, read.payloads)
+    light, large = graphs.split_large_constants(read.graph_def, read.payloads, read.offsets)
     # From here on only the light graph and the constants' arrays (views of read.data) remain.
     read.graph_def = None
     init_nodes = graphs.initializer_nodes(light)
@@ -127,7 +129,7 @@ def _check_parsed(
         ) from exc
     del graph
     if writer is not None:
-        writer.store_constants(sha256, large)
+        writer.store_constants(sha256, large, shard)
     del large
     model = AcceptedModel(
         signature=spec.signature,
@@ -318,7 +320,15 @@ def _run_build(
             raw_fingerprint=raw_fingerprint,
         )
     warmup_records = warmup.write(staging, config.serving.model_name, feeds, aliases, log)
-    stats_record = {**asdict(stats), "warmup_requests": warmup_records, "aliases": aliases}
+    stats_record = {
+        **asdict(stats),
+        "warmup_requests": warmup_records,
+        "aliases": aliases,
+        # Inputs that are their constants' data files, hard-linked from state_dir or copied.
+        "data_shards": writer.shards,
+        "inputs_linked": writer.shards_linked,
+        "inputs_copied": writer.shards_copied,
+    }
     _write_manifest(staging, build_id, digest, raw_fingerprint, models, timings, stats_record)
     return BuildResult(
         build_id,

@@ -380,8 +380,8 @@ def merge(
     """Write one SavedModel (tag ``serve``) holding every unit under its scope into export_dir.
 
     ``aliases`` adds signatures that are copies of others (``serving_default`` -> a model).
-    The units' large constants must already be in the data file of ``VARIABLES_PREFIX``; the
-    merge writes the bundle's index for them.
+    The units' large constants must already be in the data files of ``VARIABLES_PREFIX``
+    (numbered 0 to the highest shard of any entry); the merge writes the bundle's index.
     """
     export_dir.mkdir(parents=True, exist_ok=True)
     (export_dir / "variables").mkdir(exist_ok=True)
@@ -395,7 +395,8 @@ def merge(
         node_chunks.append(chunk)
         node_count += count
     if writer.entries:
-        bundle.write_index(export_dir / VARIABLES_PREFIX, writer.entries)
+        shards = 1 + max(entry.shard for entry in writer.entries)
+        bundle.write_index(export_dir / VARIABLES_PREFIX, writer.entries, shards)
     meta = _meta_graph(units, library, writer, head)
     for alias, target in (aliases or {}).items():
         meta.signature_def[alias].CopyFrom(meta.signature_def[target])

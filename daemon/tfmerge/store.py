@@ -2,7 +2,8 @@
 
 Layout (all written atomically: temporary file, fsync, rename, fsync of the folder)::
 
-    state_dir/blobs/<sha256><.pb|.pbtxt>   exact bytes of every accepted input (content-addressed)
+    state_dir/blobs/<sha256><.pb|.pbtxt>   exact bytes of every checked input (content-addressed;
+                                           hard-linked into versions as their variables' data)
     state_dir/accepted.json                signature -> AcceptedModel, as last published
     state_dir/rejected.json                the inputs refused by the last build
     state_dir/last_build.json              fingerprint of what the last build saw on disk
@@ -115,13 +116,29 @@ class Store:
     def blob_path(self, sha256: str, suffix: str) -> Path:
         return self.blobs / f"{sha256}{suffix}"
 
-    def write_blob(self, sha256: str, suffix: str, data: bytes | memoryview) -> None:
-        path = self.blob_path(sha256, suffix)
-        if not path.exists():
-            # Not synced: a blob torn by a power loss fails its sha256 check when it is next
-            # needed, and syncing every accepted input would double the time a build waits on
-            # the disk.
-            atomic_write(path, data, durable=False)
+    def has_blob(self, sha256: str, suffix: str, size: int) -> bool:
+        """Whether the blob is in place with the right size (its bytes were synced first)."""
+        try:
+            return self.blob_path(sha256, suffix).stat().st_size == size
+        except OSError:
+            return False
+
+    def start_blob(self, sha256: str, suffix: str, data: bytes | memoryview) -> PendingBlob:
+        """Write a blob's bytes under a temporary name; ``seal`` syncs them and names the blob.
+
+        A blob is in place only once its bytes are on disk, so one that exists is whole: a
+        build hard-links it into a version as it is.
+        """
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{sha256}{suffix}.", suffix=".tmp", dir=self.blobs)
+        pending = PendingBlob(Path(tmp), self.blob_path(sha256, suffix), fd)
+        try:
+            os.fchmod(fd, 0o644)
+            write_all(fd, data)
+        except BaseException:
+            pending.discard()
+            raise
+        return pending
 
     def accepted(self) -> dict[str, AcceptedModel]:
         raw = read_json(self.root / "accepted.json", {})
@@ -179,6 +196,45 @@ class Store:
                     blob.unlink(missing_ok=True)
                     removed.append(blob.name)
         return removed
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """os.write until every byte is written (Linux writes at most about 2 GiB per call)."""
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.write(fd, view[done : done + (1 << 30)])
+
+
+@dataclass
+class PendingBlob:
+    """A blob's bytes under a temporary name (a hard link to it is the same file)."""
+
+    path: Path
+    target: Path
+    fd: int
+
+    def seal(self) -> None:
+        """Wait for the bytes on disk, then give the blob its name; discard it on failure."""
+        try:
+            os.fsync(self.fd)
+        except BaseException:
+            self.discard()
+            raise
+        os.close(self.fd)
+        self.fd = -1
+        try:
+            os.replace(self.path, self.target)
+        except BaseException:
+            self.path.unlink(missing_ok=True)
+            raise
+        fsync_dir(self.target.parent)
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.path.unlink(missing_ok=True)
 
 
 def high_water(store: Store) -> int:

@@ -1,8 +1,9 @@
-/* Fault injection at the write(2) boundary, loaded with LD_PRELOAD by tests/test_faults.py.
+/* Fault injection where bytes are written, loaded with LD_PRELOAD by tests/test_faults.py.
  *
- * While the file named by $FAULTFS_CONTROL holds "<ENOSPC|EIO> <substring>", every write(2)
- * to an open file whose path contains <substring> fails with that errno, as a full or failing
- * disk would make it fail. An absent or empty control file lets every write through.
+ * While the file named by $FAULTFS_CONTROL holds "<ENOSPC|EIO> <substring>", every write(2),
+ * and every copy_file_range(2) or sendfile(2) into an open file, whose path contains
+ * <substring> fails with that errno, as a full or failing disk would make it fail. An absent
+ * or empty control file lets every write through.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -14,6 +15,8 @@
 #include <unistd.h>
 
 static ssize_t (*real_write)(int, const void *, size_t);
+static ssize_t (*real_copy_file_range)(int, off_t *, int, off_t *, size_t, unsigned int);
+static ssize_t (*real_sendfile)(int, int, off_t *, size_t);
 
 static int injected_errno(int fd) {
     const char *control = getenv("FAULTFS_CONTROL");
@@ -46,4 +49,38 @@ ssize_t write(int fd, const void *buf, size_t count) {
         return -1;
     }
     return real_write(fd, buf, count);
+}
+
+ssize_t copy_file_range(int fd_in, off_t *off_in, int fd_out, off_t *off_out, size_t len,
+                        unsigned int flags) {
+    if (real_copy_file_range == NULL)
+        real_copy_file_range = (ssize_t (*)(int, off_t *, int, off_t *, size_t, unsigned int))
+            dlsym(RTLD_NEXT, "copy_file_range");
+    int error = injected_errno(fd_out);
+    if (error != 0) {
+        errno = error;
+        return -1;
+    }
+    return real_copy_file_range(fd_in, off_in, fd_out, off_out, len, flags);
+}
+
+static ssize_t checked_sendfile(const char *symbol, int out_fd, int in_fd, off_t *offset,
+                                size_t count) {
+    if (real_sendfile == NULL)
+        real_sendfile = (ssize_t (*)(int, int, off_t *, size_t))dlsym(RTLD_NEXT, symbol);
+    int error = injected_errno(out_fd);
+    if (error != 0) {
+        errno = error;
+        return -1;
+    }
+    return real_sendfile(out_fd, in_fd, offset, count);
+}
+
+/* Programs built with 64-bit file offsets (Python among them) call sendfile64. */
+ssize_t sendfile(int out_fd, int in_fd, off_t *offset, size_t count) {
+    return checked_sendfile("sendfile", out_fd, in_fd, offset, count);
+}
+
+ssize_t sendfile64(int out_fd, int in_fd, off_t *offset, size_t count) {
+    return checked_sendfile("sendfile64", out_fd, in_fd, offset, count);
 }

@@ -27,7 +27,7 @@ from tfmerge.results import BuildResult
 from tfmerge.specs import ModelSpec, Rejection, Resolution, fingerprint, spec_key
 from tfmerge.specs import raw_fingerprint as raw_fingerprint_of
 from tfmerge.store import AcceptedModel, Store
-from tfmerge.writer import Shard, Writer
+from tfmerge.writer import Writer
 
 # TensorFlow's millions of module-level objects never die: keep them out of every garbage
 # collection this process runs (a full collection otherwise takes about 0.2 s).
@@ -58,22 +58,20 @@ def check_model(
 ) -> _Checked:
     """Everything a model must pass before it may be merged; raises ModelRejected.
 
-    With a writer, the input's bytes are copied into the state folder (unless it is a kept
-    copy already) and, once it passes, its large constants go into the version being built.
-    With a sha256, the file must have those very bytes (a kept copy).
+    With a writer, the input is checked from its copy in the state folder (unless it is a
+    kept copy already), which is kept once it passes, its large constants going into the
+    version being built. With a sha256, the file must have those very bytes (a kept copy).
     """
     if writer is None:
         read = graphs.read_graph(path, spec.relpath, config.max_model_bytes)
     else:
-        read = graphs.read_graph(path, spec.relpath, config.max_model_bytes, writer.buffer)
-    if sha256 is not None and read.sha256 != sha256:
-        raise ModelRejected("damaged", "the kept copy in the state folder is damaged")
-    shard = None
-    if writer is not None:
-        # A refused file's copy is collected with the other unused ones after the next publish.
-        suffix = ".pbtxt" if spec.relpath.endswith(".pbtxt") else ".pb"
-        shard = writer.keep_input(read, suffix, kept=kept)
-    return _check_parsed(spec, read, config, log=log, kept=kept, writer=writer, shard=shard)
+        read = writer.read(path, spec.relpath, config.max_model_bytes, kept=kept)
+    try:
+        return _check_parsed(spec, read, config, log=log, kept=kept, writer=writer, sha256=sha256)
+    except BaseException:
+        if writer is not None:
+            writer.reject(read)
+        raise
 
 
 def _check_parsed(
@@ -84,8 +82,10 @@ def _check_parsed(
     log: Any,
     kept: bool,
     writer: Writer | None,
-    shard: Shard | None,
+    sha256: str | None,
 ) -> _Checked:
+    if sha256 is not None and read.sha256 != sha256:
+        raise ModelRejected("damaged", "the kept copy in the state folder is damaged")
     sha256, size = read.sha256, len(read.data)
     graphs.check_ops(read.graph_def, config.allow_ops)
     light, large = graphs.split_large_constants(read.graph_def, read.payloads, read.offsets)
@@ -129,7 +129,7 @@ def _check_parsed(
         ) from exc
     del graph
     if writer is not None:
-        writer.store_constants(sha256, large, shard)
+        writer.accept(read, large)
     del large
     model = AcceptedModel(
         signature=spec.signature,
@@ -195,6 +195,10 @@ def run_build(
     raw_fingerprint: str | None = None,
 ) -> BuildResult:
     writer = Writer(staging, Store(config.state_dir))
+    # Copied into the state folder by the writer's thread while the ones before are checked.
+    writer.prefetch(
+        [config.frozen_dir / spec.relpath for spec in resolution.specs], config.max_model_bytes
+    )
     try:
         return _run_build(
             config,

@@ -160,9 +160,14 @@ def new_buffer(size: int) -> mmap.mmap:
     return mmap.mmap(-1, max(size, 1), flags=flags)
 
 
+def scratch_size(file_size: int) -> int:
+    """What open_graph needs for aligned copies of a file's constants, padding included."""
+    return file_size + file_size // 1024 + 2 * _FEED_ALIGNMENT
+
+
 def buffer_size(file_size: int) -> int:
-    """What read_graph needs for a file: the file, aligned copies of its constants, padding."""
-    return 2 * file_size + file_size // 1024 + 2 * _FEED_ALIGNMENT
+    """What read_graph needs for a file: the file and a scratch area for open_graph."""
+    return file_size + scratch_size(file_size)
 
 
 def read_graph(
@@ -171,12 +176,9 @@ def read_graph(
     max_bytes: int,
     buffer_for: Callable[[int], mmap.mmap] = new_buffer,
 ) -> GraphRead:
-    """Read a graph file into one buffer, hash it and parse it without copying its constants.
+    """Read a graph file into one buffer, then open_graph it, the buffer's rest as scratch.
 
-    Every large constant's bytes end up aligned for TensorFlow to feed them without a copy, by
-    one copy each into the buffer's spare room (cheaper than TensorFlow's own copy into fresh
-    memory, and the file's bytes stay as read for the hash). ``buffer_for(n)`` gives the
-    buffer, of at least n bytes.
+    ``buffer_for(n)`` gives the buffer, of at least n bytes.
     """
     try:
         with path.open("rb", buffering=0) as handle:
@@ -196,7 +198,16 @@ def read_graph(
                 done += count
     except OSError as exc:
         raise ModelRejected("unreadable", f"cannot read: {exc.strerror or exc}") from exc
-    data = view[:done]
+    return open_graph(view[:done], relpath, view[done:])
+
+
+def open_graph(data: memoryview, relpath: str, scratch: memoryview) -> GraphRead:
+    """Hash a graph file's bytes and parse them without copying its constants.
+
+    Every large constant's bytes end up aligned for TensorFlow to feed them without a copy, by
+    one copy each into scratch, of at least scratch_size(len(data)) bytes (cheaper than
+    TensorFlow's own copy into fresh memory, and data stays as it is for the hash).
+    """
     # Hashed on another core while the graph is parsed: nothing below writes to data.
     digest = _Digest(data)
     try:
@@ -208,7 +219,7 @@ def read_graph(
             except wire.Unusual:
                 stripped, found = data, []
         graph_def = parse_graph_def(data, relpath, stripped if found else None)
-        payloads = _aligned(view, done, [(p.node, data[p.start : p.stop]) for p in found])
+        payloads = _aligned(scratch, [(p.node, data[p.start : p.stop]) for p in found])
     finally:
         sha256 = digest.join()
     offsets = {p.node: p.start for p in found}
@@ -216,18 +227,19 @@ def read_graph(
 
 
 def _aligned(
-    view: memoryview, spare: int, payloads: Sequence[tuple[str, memoryview]]
+    scratch: memoryview, payloads: Sequence[tuple[str, memoryview]]
 ) -> dict[str, memoryview]:
-    """Each payload, copied to view[spare:] at an aligned address where it is not aligned."""
+    """Each payload, copied into scratch at an aligned address where it is not aligned."""
     result = {}
-    base = np.frombuffer(view, np.uint8).ctypes.data
+    spare = 0
+    base = np.frombuffer(scratch, np.uint8).ctypes.data if len(scratch) else 0
     for name, payload in payloads:
         address = np.frombuffer(payload, np.uint8).ctypes.data if len(payload) else 0
         if address % _FEED_ALIGNMENT == 0:
             result[name] = payload
             continue
         spare += -(base + spare) % _FEED_ALIGNMENT
-        slot = view[spare : spare + len(payload)]
+        slot = scratch[spare : spare + len(payload)]
         slot[:] = payload
         result[name] = slot
         spare += len(payload)

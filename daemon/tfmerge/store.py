@@ -123,22 +123,16 @@ class Store:
         except OSError:
             return False
 
-    def start_blob(self, sha256: str, suffix: str, data: bytes | memoryview) -> PendingBlob:
-        """Write a blob's bytes under a temporary name; ``seal`` syncs them and names the blob.
+    def start_blob(self) -> PendingBlob:
+        """A new blob under a temporary name, for the caller to fill; ``seal`` names it.
 
-        A blob is in place only once its bytes are on disk, so one that exists is whole: a
+        A blob gets its name only once its bytes are on disk, so one that exists is whole: a
         build hard-links it into a version as it is.
         """
         self.blobs.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{sha256}{suffix}.", suffix=".tmp", dir=self.blobs)
-        pending = PendingBlob(Path(tmp), self.blob_path(sha256, suffix), fd)
-        try:
-            os.fchmod(fd, 0o644)
-            write_all(fd, data)
-        except BaseException:
-            pending.discard()
-            raise
-        return pending
+        fd, tmp = tempfile.mkstemp(prefix=".incoming.", suffix=".tmp", dir=self.blobs)
+        os.fchmod(fd, 0o644)
+        return PendingBlob(Path(tmp), fd)
 
     def accepted(self) -> dict[str, AcceptedModel]:
         raw = read_json(self.root / "accepted.json", {})
@@ -208,14 +202,16 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
 
 @dataclass
 class PendingBlob:
-    """A blob's bytes under a temporary name (a hard link to it is the same file)."""
+    """A blob being written under a temporary name (a hard link to it is the same file)."""
 
     path: Path
-    target: Path
     fd: int
 
-    def seal(self) -> None:
-        """Wait for the bytes on disk, then give the blob its name; discard it on failure."""
+    def seal(self, target: Path) -> None:
+        """Wait for the bytes on disk, then name the blob target; discard it on failure.
+
+        A blob of that name already there is replaced: it has the same bytes.
+        """
         try:
             os.fsync(self.fd)
         except BaseException:
@@ -224,11 +220,11 @@ class PendingBlob:
         os.close(self.fd)
         self.fd = -1
         try:
-            os.replace(self.path, self.target)
+            os.replace(self.path, target)
         except BaseException:
             self.path.unlink(missing_ok=True)
             raise
-        fsync_dir(self.target.parent)
+        fsync_dir(target.parent)
 
     def discard(self) -> None:
         if self.fd >= 0:

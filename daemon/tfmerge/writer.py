@@ -1,14 +1,18 @@
-"""The build's second core: the files a check hands over are written while the next one is read.
+"""A build's inputs, copied once into the state folder; the version's data, linked to them.
 
-Every input a build reads is kept in ``state_dir`` (for the day its next upload is refused),
-written once by a thread while the graph is checked, and synced by another. When most of an
-input's bytes are its large constants, that same file is also the data shard of those
-constants in the version being built: it is hard-linked into ``variables/`` (copied where the
-state folder is on another mount), and the bundle's entries point at the constants' bytes in
-it. A model's constants are then never written a second time, and a rebuild links the kept
-copies of the models that did not change without writing them at all. Constants that are not
-in their file as they are (a text graph) go into a data file of their own. Every file of a
-build is read into one buffer. Worker side.
+Every input a build checks is first copied into ``state_dir`` (for the day its next upload is
+refused), by a thread that runs ahead of the checks, with the kernel's copy. The check then
+reads the copy, mapped into memory, not the upload: what is hashed and checked is exactly
+what is kept, and no buffer has to wait for a write to finish before the next file is read.
+
+When most of an input's bytes are its large constants, that same file is also the data shard
+of those constants in the version being built: it is hard-linked into ``variables/`` (copied
+where the state folder is on another mount), and the bundle's entries point at the constants'
+bytes in it. A model's constants are never written a second time, and an input kept already
+(an unchanged model) is linked as it is, so versions share its file. Constants that are not
+in their file as they are (a text graph) go into a data file of their own. Kept copies are
+synced by a second thread before they get their name, so a version's data is on disk by the
+time the build ends; a refused input's copy is dropped. Worker side.
 """
 
 from __future__ import annotations
@@ -16,28 +20,23 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from tfmerge import bundle, graphs
-from tfmerge.graphs import LargeConstant
+from tfmerge.graphs import LargeConstant, ModelRejected
 from tfmerge.merge import VARIABLES_PREFIX
-from tfmerge.store import Store, write_all
+from tfmerge.store import PendingBlob, Store, write_all
 
 #: An input is its constants' shard when they are at least this share of its bytes, so that a
 #: shard copied rather than linked holds at most as many other bytes as constant ones.
 SHARD_SHARE = 0.5
 #: What link(2) fails with where a hard link cannot be made at all.
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOTSUP}
-
-
-@dataclass
-class _Slot:
-    buffer: mmap.mmap | None = None
-    #: The copies still reading from this buffer.
-    pending: list[Future[None]] = field(default_factory=list)
+# Linux copies at most about 2 GiB per copy_file_range call.
+_COPY_CHUNK = 1 << 30
 
 
 @dataclass(eq=False)
@@ -49,6 +48,15 @@ class Shard:
     how: str = ""
 
 
+@dataclass(eq=False)
+class _Input:
+    """An input being checked: its copy in the state folder (None: read from its blob)."""
+
+    suffix: str
+    pending: PendingBlob | None
+    source: Path
+
+
 class Writer:
     """Keeps inputs in the state folder and gives export_dir's variables/ their data."""
 
@@ -58,9 +66,11 @@ class Writer:
         self._data = bundle.DataWriter(self._prefix)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfmerge-writer")
         self._sync = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfmerge-sync")
+        self._copies: dict[Path, Future[PendingBlob]] = {}
         self._jobs: list[Future[None]] = []
         self._syncs: list[Future[None]] = []
-        self._slot = _Slot()
+        self._open: dict[int, _Input] = {}
+        self._scratch: mmap.mmap | None = None
         #: The inputs handed over as shards, under a temporary name until finish.
         self._inputs: list[Shard] = []
         #: Each graph's entries; their shard is their file's index in _shards.
@@ -70,54 +80,141 @@ class Writer:
         self._link = True
         self._finished = False
 
-    def buffer(self, size: int) -> mmap.mmap:
-        """A buffer of at least size bytes for the next file (graphs.read_graph's buffer_for).
+    def prefetch(self, paths: Sequence[Path], max_bytes: int) -> None:
+        """Start copying these inputs into the state folder, in this order, ahead of read."""
+        for path in paths:
+            if path not in self._copies:
+                self._copies[path] = self._pool.submit(self._copy_in, path, max_bytes)
 
-        Memory a process touches for the first time costs more than reading a file into it
-        (about 1.3 ms per MiB of page faults on a virtual machine): the buffer is reused once
-        the copy of the previous file is done.
+    def _copy_in(self, path: Path, max_bytes: int) -> PendingBlob:
+        try:
+            source = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ModelRejected("unreadable", f"cannot read: {exc.strerror or exc}") from exc
+        try:
+            _check_size(os.fstat(source).st_size, max_bytes)
+            pending = self._store.start_blob()
+            try:
+                _copy(source, pending.fd)
+            except BaseException:
+                pending.discard()
+                raise
+            return pending
+        finally:
+            os.close(source)
+
+    def read(self, path: Path, relpath: str, max_bytes: int, *, kept: bool) -> graphs.GraphRead:
+        """Check-ready bytes of an input: its fresh copy in the state folder, or (kept) its blob.
+
+        Every read must end in accept or reject.
         """
-        slot = self._slot
-        wait(slot.pending)
-        slot.pending = []
-        if slot.buffer is not None and len(slot.buffer) >= size and _unshared(slot.buffer):
-            return slot.buffer
-        slot.buffer = graphs.new_buffer(size)
-        return slot.buffer
+        if kept:
+            pending = None
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise ModelRejected("unreadable", f"cannot read: {exc.strerror or exc}") from exc
+            try:
+                _check_size(os.fstat(fd).st_size, max_bytes)
+            except BaseException:
+                os.close(fd)
+                raise
+        else:
+            self.prefetch([path], max_bytes)
+            pending = self._copies.pop(path).result()
+            fd = pending.fd
+        try:
+            data = _mapped(fd)
+        except OSError as exc:
+            if pending is not None:
+                pending.discard()
+            raise ModelRejected("unreadable", f"cannot map: {exc.strerror or exc}") from exc
+        finally:
+            if pending is None:
+                os.close(fd)
+        try:
+            read = graphs.open_graph(data, relpath, self._scratch_for(len(data)))
+        except BaseException:
+            if pending is not None:
+                pending.discard()
+            raise
+        suffix = ".pbtxt" if relpath.endswith(".pbtxt") else ".pb"
+        self._open[id(read)] = _Input(suffix, pending, path if pending is None else pending.path)
+        return read
 
-    def keep_input(self, read: graphs.GraphRead, suffix: str, *, kept: bool) -> Shard | None:
-        """Keep a read input in the state folder; it is a shard if its constants fill it.
+    def _scratch_for(self, file_size: int) -> memoryview:
+        """Memory for the aligned copies of the constants, reused from file to file.
 
-        ``kept``: the input was read from its blob in the state folder, and its sha256 checked.
-        Returns the shard the input may be, for store_constants.
+        Memory a process touches for the first time costs more than copying into it (page
+        faults; on a virtual machine, the host backs the page too).
         """
-        if self._finished:
-            return None
-        shard = None
-        if read.data.nbytes and read.payload_bytes >= SHARD_SHARE * read.data.nbytes:
-            shard = Shard(self._prefix.parent / f".input-{len(self._inputs)}{suffix}")
-            self._inputs.append(shard)
-        if not kept or shard is not None:
-            self._submit(self._keep, read, suffix, kept, shard)
-        return shard
+        size = graphs.scratch_size(file_size)
+        scratch = self._scratch
+        if scratch is None or len(scratch) < size or not _unshared(scratch):
+            scratch = self._scratch = graphs.new_buffer(size)
+        return memoryview(scratch)
 
-    def _keep(self, read: graphs.GraphRead, suffix: str, kept: bool, shard: Shard | None) -> None:
+    def reject(self, read: graphs.GraphRead) -> None:
+        """Drop a refused input's copy."""
+        opened = self._open.pop(id(read), None)
+        if opened is not None and opened.pending is not None:
+            opened.pending.discard()
+
+    def accept(self, read: graphs.GraphRead, constants: Sequence[LargeConstant]) -> None:
+        """Keep an accepted input and record where its large constants are, once per graph.
+
+        An input that its constants fill is their shard, and they stay where they are in it;
+        the others' constants are appended to the writer's own data file.
+        """
+        opened = self._open[id(read)]
         sha256, data = read.sha256, read.data
-        pending = None
-        if not kept and not self._store.has_blob(sha256, suffix, data.nbytes):
-            pending = self._store.start_blob(sha256, suffix, data)
+        if sha256 in self._entries or self._finished:
+            self.reject(read)
+            return
+        shard = None
+        filled = data.nbytes and read.payload_bytes >= SHARD_SHARE * data.nbytes
+        if filled and any(constant.offset is not None for constant in constants):
+            shard = Shard(self._prefix.parent / f".input-{len(self._inputs)}{opened.suffix}")
+            self._inputs.append(shard)
+        entries = []
+        for constant in constants:
+            if shard is not None and constant.offset is not None:
+                index = self._shard_index(shard)
+                offset, size = constant.offset, constant.value.nbytes
+                crc = bundle.checksum(constant.value)
+            else:
+                if self._own is None:
+                    self._own = len(self._shards)
+                    self._shards.append(Shard(self._data.path))
+                index = self._own
+                offset, size, crc = self._data.append(constant.value)
+            entries.append(
+                bundle.Entry(
+                    constant.name, constant.dtype, constant.shape, offset, size, crc, index
+                )
+            )
+        self._entries[sha256] = entries
+        del self._open[id(read)]
+        if opened.pending is not None and self._store.has_blob(sha256, opened.suffix, len(data)):
+            # Kept already (an unchanged input): versions share that one file.
+            opened.pending.discard()
+            opened = _Input(opened.suffix, None, self._store.blob_path(sha256, opened.suffix))
+        job = self._pool.submit(self._keep, opened, sha256, data, shard)
+        self._jobs.append(job)
+
+    def _keep(self, opened: _Input, sha256: str, data: memoryview, shard: Shard | None) -> None:
+        pending = opened.pending
         try:
             if shard is not None:
-                source = self._store.blob_path(sha256, suffix) if pending is None else pending.path
-                self._place(shard, source, data)
+                self._place(shard, opened.source, data)
         except BaseException:
             if pending is not None:
                 pending.discard()
             raise
         if pending is not None:
-            # Synced from now on, by the other thread: by the end of the check it is mostly done.
-            # (Renamed once synced: the link above is made to the temporary name.)
-            self._syncs.append(self._sync.submit(pending.seal))
+            # Synced by the other thread, then named (the link above is to the temporary name).
+            target = self._store.blob_path(sha256, opened.suffix)
+            self._syncs.append(self._sync.submit(pending.seal, target))
 
     def _place(self, shard: Shard, source: Path, data: memoryview) -> None:
         """Hard-link source to shard.path, or copy data there where a link cannot be made."""
@@ -142,36 +239,6 @@ class Writer:
             raise
         shard.how = "copied"
         self._syncs.append(self._sync.submit(_sync_and_close, fd))
-
-    def store_constants(
-        self, sha256: str, constants: Sequence[LargeConstant], shard: Shard | None
-    ) -> None:
-        """Record where an accepted graph's large constants are, once per graph.
-
-        The constants of an input that is a shard (keep_input's) stay where they are in it;
-        the others are appended to the writer's own data file.
-        """
-        if sha256 in self._entries or self._finished:
-            return
-        entries = []
-        for constant in constants:
-            if shard is not None and constant.offset is not None:
-                index = self._shard_index(shard)
-                offset, size, crc = constant.offset, constant.value.nbytes, None
-            else:
-                if self._own is None:
-                    self._own = len(self._shards)
-                    self._shards.append(Shard(self._data.path))
-                index = self._own
-                offset, size, crc = self._data.append(constant.value)
-            if crc is None:
-                crc = bundle.checksum(constant.value)
-            entries.append(
-                bundle.Entry(
-                    constant.name, constant.dtype, constant.shape, offset, size, crc, index
-                )
-            )
-        self._entries[sha256] = entries
 
     def _shard_index(self, shard: Shard) -> int:
         if shard not in self._shards:
@@ -198,20 +265,14 @@ class Writer:
         return sum(shard.how == "copied" for shard in self._shards)
 
     def finish(self) -> None:
-        """Wait for the inputs' copies, raise the first error, and name every data file.
+        """Wait for the inputs' links, raise the first error, and name every data file.
 
-        Inputs no accepted graph needs as a shard are dropped from variables/. The buffer is
-        let go: the merge and the verification need the memory more.
+        The scratch memory is let go: the merge and the verification need it more.
         """
         self._finished = True
-        try:
-            for job in self._jobs:
-                job.result()
-        finally:
-            self._slot = _Slot()
-        for shard in self._inputs:
-            if shard not in self._shards:
-                shard.path.unlink(missing_ok=True)
+        self._scratch = None
+        for job in self._jobs:
+            job.result()
         count = len(self._shards)
         for index, shard in enumerate(self._shards):
             target = bundle.data_path(self._prefix, index, count)
@@ -221,9 +282,17 @@ class Writer:
             self._data.start_sync()
 
     def close(self) -> None:
-        """Stop the threads (after the writes in flight) and wait for every file on disk."""
+        """Stop the threads, drop copies no check took, and wait for every file on disk."""
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._slot = _Slot()
+        for copy in self._copies.values():
+            if not copy.cancelled() and copy.exception() is None:
+                copy.result().discard()
+        self._copies.clear()
+        for opened in self._open.values():
+            if opened.pending is not None:
+                opened.pending.discard()
+        self._open.clear()
+        self._scratch = None
         try:
             self._data.close()
         finally:
@@ -231,10 +300,31 @@ class Writer:
         for job in self._syncs:
             job.result()
 
-    def _submit(self, function: Callable[..., None], *args: object) -> None:
-        job = self._pool.submit(function, *args)
-        self._jobs.append(job)
-        self._slot.pending.append(job)
+
+def _check_size(size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise ModelRejected("too_large", f"{size} bytes is over max_model_bytes = {max_bytes}")
+
+
+def _copy(source: int, target: int) -> None:
+    """The rest of source into target, by the kernel (no copy through this process)."""
+    try:
+        while os.copy_file_range(source, target, _COPY_CHUNK):
+            pass
+    except OSError as exc:
+        # Two file systems copy_file_range cannot bridge: sendfile can, from where it stopped.
+        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+        while os.sendfile(target, source, None, _COPY_CHUNK):
+            pass
+
+
+def _mapped(fd: int) -> memoryview:
+    """The file's bytes, mapped copy-on-write (TensorFlow may feed views of them)."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return memoryview(b"")
+    return memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_COPY))
 
 
 def _sync_and_close(fd: int) -> None:

@@ -264,8 +264,11 @@ def test_metrics_endpoint(tmp_path: Path, models: dict[str, FrozenModel]) -> Non
         scp_like(models["m1"].path, project.frozen / "m1.pb")
         (project.frozen / "broken.pb").write_bytes(b"\x0a\xff\xff")
         daemon.wait_for("build_finished", since=mark, where=lambda e: e["outcome"] == "published")
+        # The supervisor counts a build just after it logged build_finished.
+        wait_until(
+            lambda: scrape(port)['tfmerge_builds_total{outcome="published"}'] == 2, timeout=30
+        )
         values = scrape(port)
-        assert values['tfmerge_builds_total{outcome="published"}'] == 2
         assert values["tfmerge_published_version"] == 2
         assert values["tfmerge_signatures_served"] == 2
         assert values["tfmerge_rejected_inputs"] == 1

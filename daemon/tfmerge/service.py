@@ -256,10 +256,10 @@ class Daemon:
             )
         except Exception as exc:  # noqa: BLE001 - the daemon must outlive any one build
             self._build_failed(exc)
-            return
-        finally:
             self._prepare_warm_worker()
+            return
         if self.metrics is not None:
+            # Before the next worker starts, which takes a while: scrapes see the build now.
             published_at = outcome.fields.get("published_at")
             ttl = None
             if published_at is not None and last_change is not None:
@@ -267,6 +267,7 @@ class Daemon:
             self.metrics.build_finished(
                 outcome.outcome, outcome.fields, outcome.version, time_to_live=ttl
             )
+        self._prepare_warm_worker()
         if outcome.fields.get("no_default_signature"):
             self._warned_no_default = True
         if outcome.version is not None:

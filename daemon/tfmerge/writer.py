@@ -87,12 +87,8 @@ class Writer:
                 self._copies[path] = self._pool.submit(self._copy_in, path, max_bytes)
 
     def _copy_in(self, path: Path, max_bytes: int) -> PendingBlob:
+        source = _open_input(path, max_bytes)
         try:
-            source = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise ModelRejected("unreadable", f"cannot read: {exc.strerror or exc}") from exc
-        try:
-            _check_size(os.fstat(source).st_size, max_bytes)
             pending = self._store.start_blob()
             try:
                 _copy(source, pending.fd)
@@ -110,15 +106,7 @@ class Writer:
         """
         if kept:
             pending = None
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as exc:
-                raise ModelRejected("unreadable", f"cannot read: {exc.strerror or exc}") from exc
-            try:
-                _check_size(os.fstat(fd).st_size, max_bytes)
-            except BaseException:
-                os.close(fd)
-                raise
+            fd = _open_input(path, max_bytes)
         else:
             self.prefetch([path], max_bytes)
             pending = self._copies.pop(path).result()
@@ -301,9 +289,17 @@ class Writer:
             job.result()
 
 
-def _check_size(size: int, max_bytes: int) -> None:
+def _open_input(path: Path, max_bytes: int) -> int:
+    """A file descriptor of an input no larger than max_bytes; raises ModelRejected."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ModelRejected("unreadable", f"cannot read: {exc.strerror or exc}") from exc
+    size = os.fstat(fd).st_size
     if size > max_bytes:
+        os.close(fd)
         raise ModelRejected("too_large", f"{size} bytes is over max_model_bytes = {max_bytes}")
+    return fd
 
 
 def _copy(source: int, target: int) -> None:

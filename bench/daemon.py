@@ -8,22 +8,21 @@ clocks are the host's wall clock (structlog stamps events in UTC ISO 8601 with m
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bench.launch import environment
-from bench.sets import ModelSet
+from bench.launch import QUIET_TF
+from bench.sets import ROOT, ModelSet
+
+if TYPE_CHECKING:
+    from daemonlib import DaemonProcess
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 QUIET_SECONDS = 2.0
@@ -92,72 +91,12 @@ def write_config(project: Path, *, warm: bool) -> Path:
     return config
 
 
-class Daemon:
-    """``tfmerge run`` with its JSON events collected by one reader thread."""
+def start_daemon(config: Path) -> DaemonProcess:
+    """``tfmerge run`` as a child, its events followed: the tests' own harness, quiet TF."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from daemonlib import DaemonProcess
 
-    def __init__(self, config: Path) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tfmerge", "run", "-c", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env=environment(),
-            text=True,
-        )
-        self.events: list[dict[str, Any]] = []
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, name="daemon-events", daemon=True)
-        self._reader.start()
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            if not line.startswith("{"):
-                continue
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            with self._changed:
-                self.events.append(event)
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    def mark(self) -> int:
-        with self._changed:
-            return len(self.events)
-
-    def wait_for(self, name: str, *, since: int = 0, timeout: float = 300.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for event in self.events[since:]:
-                    if event.get("event") == name:
-                        return event
-                if self.process.poll() is not None and not self._reader.is_alive():
-                    code = self.process.returncode
-                    raise RuntimeError(f"the daemon exited ({code}) before {name}")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    seen = [e.get("event") for e in self.events[since:]]
-                    raise TimeoutError(f"no {name} event within {timeout} s; saw {seen}")
-                self._changed.wait(min(remaining, 0.5))
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self._reader.join(timeout=10)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+    return DaemonProcess(config, env=QUIET_TF)
 
 
 def _poll(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -171,9 +110,11 @@ def _poll(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.05)
 
 
-def wait_warm_worker(daemon: Daemon, timeout: float = 120.0) -> int:
+def wait_warm_worker(daemon: Any, timeout: float = 120.0) -> int:
     """The warm worker's pid, once it has imported TensorFlow and gone idle."""
-    pid: int = _poll(lambda: next(iter(workers(daemon.pid)), None), timeout, "no warm worker")
+    pid: int = _poll(
+        lambda: next(iter(workers(daemon.process.pid)), None), timeout, "no warm worker"
+    )
     deadline = time.monotonic() + timeout
     last = cpu_seconds(pid)
     still_since = time.monotonic()
@@ -213,20 +154,20 @@ def upload(model_set: ModelSet, frozen_dir: Path) -> float:
 def time_to_live(model_set: ModelSet, project: Path, *, warm: bool) -> LiveRun:
     shutil.rmtree(project, ignore_errors=True)
     config = write_config(project, warm=warm)
-    daemon = Daemon(config)
+    daemon = start_daemon(config)
     try:
         daemon.wait_for("daemon_ready", timeout=300)
         worker = wait_warm_worker(daemon) if warm else None
         worker_rss = proc_status(worker)["VmRSS"] if worker is not None else None
         if not warm:
-            _poll(lambda: not workers(daemon.pid), 60, "the start-up worker did not exit")
-        before = proc_status(daemon.pid)["VmRSS"]
+            _poll(lambda: not workers(daemon.process.pid), 60, "the start-up worker did not exit")
+        before = proc_status(daemon.process.pid)["VmRSS"]
         mark = daemon.mark()
         closed = upload(model_set, project / "frozen")
         settled = daemon.wait_for("batch_settled", since=mark)
         published = daemon.wait_for("version_published", since=mark)
         finished = daemon.wait_for("build_finished", since=mark)
-        after = proc_status(daemon.pid)["VmRSS"]
+        after = proc_status(daemon.process.pid)["VmRSS"]
     finally:
         daemon.stop()
     return LiveRun(
@@ -257,25 +198,25 @@ class IdleSample:
 
 def supervisor_idle(project: Path, seconds: float = 60.0) -> IdleSample:
     """The daemon alone (warm = false), idle after a start-up that finds nothing to build."""
-    daemon = Daemon(project / "tfmerge.toml")
+    daemon = start_daemon(project / "tfmerge.toml")
     try:
         daemon.wait_for("daemon_ready", timeout=300)
-        _poll(lambda: not workers(daemon.pid), 60, "a worker is still running")
+        _poll(lambda: not workers(daemon.process.pid), 60, "a worker is still running")
         # Let start-up allocations settle before the clock starts.
         time.sleep(1.0)
-        start = proc_status(daemon.pid)
-        cpu_start = cpu_seconds(daemon.pid)
+        start = proc_status(daemon.process.pid)
+        cpu_start = cpu_seconds(daemon.process.pid)
         began = time.monotonic()
         peak = start["VmRSS"]
         while (elapsed := time.monotonic() - began) < seconds:
             time.sleep(min(1.0, seconds - elapsed))
-            peak = max(peak, proc_status(daemon.pid)["VmRSS"])
-        end = proc_status(daemon.pid)
-        cpu_end = cpu_seconds(daemon.pid)
+            peak = max(peak, proc_status(daemon.process.pid)["VmRSS"])
+        end = proc_status(daemon.process.pid)
+        cpu_end = cpu_seconds(daemon.process.pid)
         elapsed = time.monotonic() - began
-        if workers(daemon.pid):
+        if workers(daemon.process.pid):
             raise RuntimeError("the idle daemon started a worker: it was not idle")
-        helper_rss = sum(proc_status(pid)["VmRSS"] for pid in helpers(daemon.pid))
+        helper_rss = sum(proc_status(pid)["VmRSS"] for pid in helpers(daemon.process.pid))
     finally:
         daemon.stop()
     return IdleSample(

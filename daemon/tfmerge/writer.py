@@ -35,6 +35,8 @@ from tfmerge.store import PendingBlob, Store, write_all
 SHARD_SHARE = 0.5
 #: What link(2) fails with where a hard link cannot be made at all.
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOTSUP}
+#: How many inputs are copied ahead of the one being checked.
+_AHEAD = 2
 # Linux copies at most about 2 GiB per copy_file_range call.
 _COPY_CHUNK = 1 << 30
 
@@ -67,6 +69,8 @@ class Writer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfmerge-writer")
         self._sync = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfmerge-sync")
         self._copies: dict[Path, Future[PendingBlob]] = {}
+        self._queued: list[Path] = []
+        self._max_bytes = 0
         self._jobs: list[Future[None]] = []
         self._syncs: list[Future[None]] = []
         self._open: dict[int, _Input] = {}
@@ -81,10 +85,20 @@ class Writer:
         self._finished = False
 
     def prefetch(self, paths: Sequence[Path], max_bytes: int) -> None:
-        """Start copying these inputs into the state folder, in this order, ahead of read."""
-        for path in paths:
+        """Copy these inputs into the state folder, in this order, a few ahead of read.
+
+        At most _AHEAD copies wait for their check, each with its file open: a build of a
+        thousand models must not run out of file descriptors or fill the page cache early.
+        """
+        self._queued.extend(paths)
+        self._max_bytes = max_bytes
+        self._copy_ahead()
+
+    def _copy_ahead(self) -> None:
+        while self._queued and len(self._copies) < _AHEAD:
+            path = self._queued.pop(0)
             if path not in self._copies:
-                self._copies[path] = self._pool.submit(self._copy_in, path, max_bytes)
+                self._copies[path] = self._pool.submit(self._copy_in, path, self._max_bytes)
 
     def _copy_in(self, path: Path, max_bytes: int) -> PendingBlob:
         source = _open_input(path, max_bytes)
@@ -108,8 +122,14 @@ class Writer:
             pending = None
             fd = _open_input(path, max_bytes)
         else:
-            self.prefetch([path], max_bytes)
-            pending = self._copies.pop(path).result()
+            if path not in self._copies:
+                # Not copied ahead (read out of the prefetch order): copied now.
+                if path in self._queued:
+                    self._queued.remove(path)
+                self._copies[path] = self._pool.submit(self._copy_in, path, max_bytes)
+            copy = self._copies.pop(path)
+            self._copy_ahead()
+            pending = copy.result()
             fd = pending.fd
         try:
             data = _mapped(fd)

@@ -130,7 +130,7 @@ _STEPS = (
     ("tfmerge.writer", "Writer.read", "check: wait for the copy, map, sha256, parse"),
     ("tfmerge.graphs", "_Digest.join", "read: wait for the sha256"),
     ("tfmerge.graphs", "_aligned", "read: align the constants for feeding"),
-    ("tfmerge.store", "PendingBlob.seal", "check: sync a kept copy"),
+    ("tfmerge.store", "PendingFile.seal", "sync a file: kept copies, state records"),
     ("tfmerge.graphs", "check_ops", "check: op policy"),
     ("tfmerge.graphs", "split_large_constants", "check: set large constants aside"),
     ("tfmerge.graphs", "import_graph", "check: import into a tf.Graph"),

@@ -47,6 +47,17 @@ def restore(prefix: Path, names: list[str], dtypes: list[tf.DType]) -> list[np.n
     return [tensor.numpy() for tensor in tensors]
 
 
+def save_v2(prefix: Path, tensors: Mapping[str, np.ndarray], names: list[str]) -> Path:
+    """TensorFlow's own SaveV2 of tensors, in the order of names."""
+    tf.raw_ops.SaveV2(
+        prefix=str(prefix),
+        tensor_names=names,
+        shape_and_slices=[""] * len(names),
+        tensors=[tf.constant(tensors[name]) for name in names],
+    )
+    return prefix
+
+
 def assert_same_tensor(got: np.ndarray, want: np.ndarray) -> None:
     assert got.dtype == want.dtype
     assert got.shape == want.shape
@@ -203,13 +214,7 @@ def test_tensorflows_own_save_restores_the_same_bytes(
     written: Path, tensors: dict[str, np.ndarray], tmp_path: Path
 ) -> None:
     names = sorted(tensors)
-    theirs = tmp_path / "saved" / "variables"
-    tf.raw_ops.SaveV2(
-        prefix=str(theirs),
-        tensor_names=names,
-        shape_and_slices=[""] * len(names),
-        tensors=[tf.constant(tensors[name]) for name in names],
-    )
+    theirs = save_v2(tmp_path / "saved" / "variables", tensors, names)
     dtypes = [tf.as_dtype(tensors[name].dtype) for name in names]
     ours_restored = restore(written, names, dtypes)
     theirs_restored = restore(theirs, names, dtypes)
@@ -224,13 +229,7 @@ def test_a_bundle_in_tensorflows_order_has_its_data_file_byte_for_byte(
     names = sorted(tensors, key=str.encode)
     ours = tmp_path / "ours" / "variables"
     write_bundle(ours, {name: tensors[name] for name in names})
-    theirs = tmp_path / "theirs" / "variables"
-    tf.raw_ops.SaveV2(
-        prefix=str(theirs),
-        tensor_names=names,
-        shape_and_slices=[""] * len(names),
-        tensors=[tf.constant(tensors[name]) for name in names],
-    )
+    theirs = save_v2(tmp_path / "theirs" / "variables", tensors, names)
     assert bundle.data_path(ours).read_bytes() == bundle.data_path(theirs).read_bytes()
 
 

@@ -107,17 +107,7 @@ def _with_second_value(graph_def: Any) -> bytes:
 
 
 def _field(number: int, payload: bytes) -> bytes:
-    key = (number << 3) | 2
-    return _varint(key) + _varint(len(payload)) + payload
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+    return wire.length_field_key(number, len(payload)) + payload
 
 
 def test_read_graph_gives_views_of_the_constants_and_the_file_digest(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,12 +174,8 @@ def read_graph(
     path: Path,
     relpath: str,
     max_bytes: int,
-    buffer_for: Callable[[int], mmap.mmap] = new_buffer,
 ) -> GraphRead:
-    """Read a graph file into one buffer, then open_graph it, the buffer's rest as scratch.
-
-    ``buffer_for(n)`` gives the buffer, of at least n bytes.
-    """
+    """Read a graph file into one new buffer, then open_graph it, the buffer's rest as scratch."""
     try:
         with path.open("rb", buffering=0) as handle:
             size = handle.seek(0, 2)
@@ -188,7 +184,7 @@ def read_graph(
                     "too_large", f"{size} bytes is over max_model_bytes = {max_bytes}"
                 )
             handle.seek(0)
-            buffer = buffer_for(buffer_size(size))
+            buffer = new_buffer(buffer_size(size))
             view = memoryview(buffer)
             done = 0
             while done < size:

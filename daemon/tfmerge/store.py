@@ -68,26 +68,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes | memoryview, *, durable: bool = True) -> None:
-    """Replace path with data so a reader sees the old bytes or the new ones, never a mix.
-
-    ``durable`` also waits until the bytes are on disk, so they survive a power loss.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def atomic_write(path: Path, data: bytes | memoryview) -> None:
+    """Replace path with data so a reader sees the old bytes or the new ones, never a mix,
+    and only once they are on disk, so they survive a power loss."""
+    pending = PendingFile.start(path.parent, f".{path.name}.")
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            if durable:
-                os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        write_all(pending.fd, data)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        pending.discard()
         raise
-    if durable:
-        fsync_dir(path.parent)
+    pending.seal(path)
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -123,16 +113,13 @@ class Store:
         except OSError:
             return False
 
-    def start_blob(self) -> PendingBlob:
+    def start_blob(self) -> PendingFile:
         """A new blob under a temporary name, for the caller to fill; ``seal`` names it.
 
         A blob gets its name only once its bytes are on disk, so one that exists is whole: a
         build hard-links it into a version as it is.
         """
-        self.blobs.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".incoming.", suffix=".tmp", dir=self.blobs)
-        os.fchmod(fd, 0o644)
-        return PendingBlob(Path(tmp), fd)
+        return PendingFile.start(self.blobs, ".incoming.")
 
     def accepted(self) -> dict[str, AcceptedModel]:
         raw = read_json(self.root / "accepted.json", {})
@@ -201,16 +188,24 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
 
 
 @dataclass
-class PendingBlob:
-    """A blob being written under a temporary name (a hard link to it is the same file)."""
+class PendingFile:
+    """A file being written under a temporary name (a hard link to it is the same file)."""
 
     path: Path
     fd: int
 
-    def seal(self, target: Path) -> None:
-        """Wait for the bytes on disk, then name the blob target; discard it on failure.
+    @classmethod
+    def start(cls, folder: Path, prefix: str) -> PendingFile:
+        """An empty, world-readable file in folder (created if missing), named prefix…tmp."""
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
+        os.fchmod(fd, 0o644)
+        return cls(Path(tmp), fd)
 
-        A blob of that name already there is replaced: it has the same bytes.
+    def seal(self, target: Path) -> None:
+        """Wait for the bytes on disk, then name the file target; discard it on failure.
+
+        A file of that name already there is replaced.
         """
         try:
             os.fsync(self.fd)

@@ -28,7 +28,7 @@ from pathlib import Path
 from tfmerge import bundle, graphs
 from tfmerge.graphs import LargeConstant, ModelRejected
 from tfmerge.merge import VARIABLES_PREFIX
-from tfmerge.store import PendingBlob, Store, write_all
+from tfmerge.store import PendingFile, Store, write_all
 
 #: An input is its constants' shard when they are at least this share of its bytes, so that a
 #: shard copied rather than linked holds at most as many other bytes as constant ones.
@@ -55,7 +55,7 @@ class _Input:
     """An input being checked: its copy in the state folder (None: read from its blob)."""
 
     suffix: str
-    pending: PendingBlob | None
+    pending: PendingFile | None
     source: Path
 
 
@@ -68,7 +68,7 @@ class Writer:
         self._data = bundle.DataWriter(self._prefix)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfmerge-writer")
         self._sync = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfmerge-sync")
-        self._copies: dict[Path, Future[PendingBlob]] = {}
+        self._copies: dict[Path, Future[PendingFile]] = {}
         self._queued: list[Path] = []
         self._max_bytes = 0
         self._jobs: list[Future[None]] = []
@@ -100,7 +100,7 @@ class Writer:
             if path not in self._copies:
                 self._copies[path] = self._pool.submit(self._copy_in, path, self._max_bytes)
 
-    def _copy_in(self, path: Path, max_bytes: int) -> PendingBlob:
+    def _copy_in(self, path: Path, max_bytes: int) -> PendingFile:
         source = _open_input(path, max_bytes)
         try:
             pending = self._store.start_blob()

@@ -98,8 +98,8 @@ def tf_baseline() -> Measured:
 
 
 def core_baseline() -> Measured:
-    """The part of TensorFlow a tfmerge build imports (tfmerge/tfcore.py)."""
-    return measure([sys.executable, "-c", "import tfmerge.tfcore"])
+    """The part of TensorFlow a tfmerge build imports (tfmerge/build/tfcore.py)."""
+    return measure([sys.executable, "-c", "import tfmerge.build.tfcore"])
 
 
 def copy_floor(model_set: ModelSet, work: Path) -> ToolRun:

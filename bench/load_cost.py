@@ -24,10 +24,10 @@ from bench.compare import write_tfmerge_config
 
 _BUILD = """
 import sys
-from tfmerge import graphs
+from tfmerge.build import constants
 from tfmerge.cli import main
 if sys.argv[2] == "inline":
-    graphs.LARGE_CONSTANT_BYTES = 1 << 62
+    constants.LARGE_CONSTANT_BYTES = 1 << 62
 raise SystemExit(main(["build", "-c", sys.argv[1]]))
 """
 

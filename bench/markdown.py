@@ -136,7 +136,7 @@ the raw results of each run are written next to them as JSON.
   build step is `durations.total` of its `build_finished` log line (from after the TensorFlow
   import to the rename of the version: read and check every model, merge, verify, publish).
 - **TensorFlow baselines**: a child that only runs `import tensorflow` (what the naive
-  script imports) and one that only runs `import tfmerge.tfcore` (the part of TensorFlow a
+  script imports) and one that only runs `import tfmerge.build.tfcore` (the part of TensorFlow a
   tfmerge build imports: sessions, graph import, the SavedModel loader, the protobufs), both
   measured in every run. Memory is reported as `baseline + k x input bytes`,
   `k = (peak - baseline) / input bytes`, each tool against its own baseline.
@@ -190,7 +190,7 @@ def _set_table(name: str, set_result: dict[str, Any]) -> str:
     )
     if s["core_rss"] is not None:
         lines.append(
-            f"| `import tfmerge.tfcore` | {_s(s['core_seconds'])} | — | {_mib(s['core_rss'])}"
+            f"| `import tfmerge.build.tfcore` | {_s(s['core_seconds'])} | — | {_mib(s['core_rss'])}"
             " | | | |"
         )
     lines.extend(
@@ -228,7 +228,7 @@ def _sets(results: dict[str, Any], plot_name: str) -> str:
             f"Targets on L: naive / tfmerge ≥ {L_STEP_SPEEDUP:g}x for the build step, tfmerge /"
             f" copy floor ≤ {L_STEP_VS_COPY:g}x, k ≤ {L_RSS_PER_INPUT_BYTE:g}. `k` is"
             " `(peak RSS - baseline) / input bytes`, each tool against the TensorFlow it"
-            " imports (`import tensorflow` for the naive merge, `import tfmerge.tfcore` for"
+            " imports (`import tensorflow` for the naive merge, `import tfmerge.build.tfcore` for"
             " tfmerge); on S it mostly measures TensorFlow's own working memory, not the inputs."
         ),
         *_budget(results),
@@ -424,8 +424,8 @@ def _raw(results: dict[str, Any]) -> str:
             )
             if "core_seconds" in base:
                 lines.append(
-                    f"| {name} | {index} | `import tfmerge.tfcore` | {base['core_seconds']:.2f} |"
-                    f" | {_mib(base['core_peak_rss'])} | |"
+                    f"| {name} | {index} | `import tfmerge.build.tfcore` |"
+                    f" {base['core_seconds']:.2f} | | {_mib(base['core_peak_rss'])} | |"
                 )
             for tool in TOOLS:
                 r = run[tool]

@@ -1,7 +1,7 @@
 """Where ``tfmerge build`` spends its time and memory, step by step, in one process.
 
 Usage: ``python -m bench.profile_build SET_DIR WORK_DIR [--cprofile FILE]``.
-Runs the same build as ``tfmerge build`` (``pipeline.run_once`` with ``build.run_build``) with
+Runs the same build as ``tfmerge build`` (``pipeline.run_once`` with ``run.run_build``) with
 its steps wrapped from the outside: wall time, the process's peak resident memory during the
 step (VmHWM, reset on entry through /proc/self/clear_refs) and the peak of Python's own heap
 (tracemalloc; protobuf and TensorFlow allocate outside it). Steps nest; every number is
@@ -125,32 +125,32 @@ class Recorder:
 #: and reported as such: the engine changes faster than this list.
 _STEPS = (
     ("tfmerge.specs", "raw_fingerprint", "fingerprint the input files (sha256)"),
-    ("tfmerge.build", "run_build", "worker side (check + merge + verify)"),
-    ("tfmerge.writer", "Writer._copy_in", "check: copy an input into state_dir"),
-    ("tfmerge.writer", "Writer.read", "check: wait for the copy, map, sha256, parse"),
-    ("tfmerge.graphs", "_Digest.join", "read: wait for the sha256"),
-    ("tfmerge.graphs", "_aligned", "read: align the constants for feeding"),
-    ("tfmerge.store", "PendingFile.seal", "sync a file: kept copies, state records"),
-    ("tfmerge.graphs", "check_ops", "check: op policy"),
-    ("tfmerge.graphs", "split_large_constants", "check: set large constants aside"),
-    ("tfmerge.graphs", "import_graph", "check: import into a tf.Graph"),
-    ("tfmerge.graphs", "run_graph", "check: run the source on the probe"),
-    ("tfmerge.bundle", "DataWriter.append", "check: write a constant into variables/"),
-    ("tfmerge.writer", "Writer.accept", "check: checksum or write the constants"),
-    ("tfmerge.writer", "Writer._keep", "check: link an input into variables/"),
-    ("tfmerge.writer", "Writer.finish", "wait for the writer thread"),
-    ("tfmerge.build", "_release_memory", "check: release memory (gc, malloc_trim)"),
-    ("tfmerge.merge", "merge", "merge: whole"),
-    ("tfmerge.merge", "_merge_unit", "merge: rename, serialise one graph"),
-    ("tfmerge.merge", "_externalise", "merge: constants to variable reads"),
-    ("tfmerge.bundle", "write_index", "merge: write the variables index"),
-    ("tfmerge.merge", "_write_chunks", "merge: write saved_model.pb"),
-    ("tfmerge.verify", "verify", "verify: load and run every signature"),
-    ("tfmerge.tfcore", "load_saved_model", "verify: SavedModel loader"),
-    ("tfmerge.warmup", "write", "write the warmup requests"),
-    ("tfmerge.build", "_write_manifest", "write the manifest"),
-    ("tfmerge.writer", "Writer.close", "wait for the variables data on disk"),
-    ("tfmerge.publish", "publish", "publish: fsync and rename"),
+    ("tfmerge.build.run", "run_build", "worker side (check + merge + verify)"),
+    ("tfmerge.build.writer", "Writer._copy_in", "check: copy an input into state_dir"),
+    ("tfmerge.build.writer", "Writer.read", "check: wait for the copy, map, sha256, parse"),
+    ("tfmerge.build.reading", "_Digest.join", "read: wait for the sha256"),
+    ("tfmerge.build.reading", "_aligned", "read: align the constants for feeding"),
+    ("tfmerge.folders.fs", "PendingFile.seal", "sync a file: kept copies, state records"),
+    ("tfmerge.oppolicy", "check_ops", "check: op policy"),
+    ("tfmerge.build.constants", "split_large_constants", "check: set large constants aside"),
+    ("tfmerge.build.signatures", "import_graph", "check: import into a tf.Graph"),
+    ("tfmerge.build.probe", "run_graph", "check: run the source on the probe"),
+    ("tfmerge.build.bundle", "DataWriter.append", "check: write a constant into variables/"),
+    ("tfmerge.build.writer", "Writer.accept", "check: checksum or write the constants"),
+    ("tfmerge.build.writer", "Writer._keep", "check: link an input into variables/"),
+    ("tfmerge.build.writer", "Writer.finish", "wait for the writer thread"),
+    ("tfmerge.build.check", "release_memory", "check: release memory (gc, malloc_trim)"),
+    ("tfmerge.build.merge", "merge", "merge: whole"),
+    ("tfmerge.build.merge", "_merge_unit", "merge: rename, serialise one graph"),
+    ("tfmerge.build.merge", "_externalise", "merge: constants to variable reads"),
+    ("tfmerge.build.bundle", "write_index", "merge: write the variables index"),
+    ("tfmerge.build.merge", "_write_chunks", "merge: write saved_model.pb"),
+    ("tfmerge.build.verify", "verify", "verify: load and run every signature"),
+    ("tfmerge.build.tfcore", "load_saved_model", "verify: SavedModel loader"),
+    ("tfmerge.build.warmup", "write", "write the warmup requests"),
+    ("tfmerge.build.run", "_write_manifest", "write the manifest"),
+    ("tfmerge.build.writer", "Writer.close", "wait for the variables data on disk"),
+    ("tfmerge.folders.publish", "publish", "publish: fsync and rename"),
 )
 
 
@@ -184,11 +184,12 @@ def main() -> int:
     parser.add_argument("work", type=Path)
     parser.add_argument("--cprofile", type=Path)
     args = parser.parse_args()
-    from tfmerge import logs, pipeline
+    from tfmerge import logs
     from tfmerge.config import load
+    from tfmerge.daemon import pipeline
 
     started = time.monotonic()
-    from tfmerge import build  # imports TensorFlow
+    from tfmerge.build import run  # imports TensorFlow
 
     import_seconds = time.monotonic() - started
     config = load(_write_config(args.set_dir, args.work))
@@ -200,7 +201,7 @@ def main() -> int:
     began = time.monotonic()
     if profiler is not None:
         profiler.enable()
-    outcome = pipeline.run_once(config, build.run_build, trigger="profile")
+    outcome = pipeline.run_once(config, run.run_build, trigger="profile")
     if profiler is not None:
         profiler.disable()
     total = time.monotonic() - began

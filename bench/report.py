@@ -235,7 +235,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
             )
             if core is not None:
                 axis.axhline(
-                    core / MiB, color="tab:blue", linestyle=":", label="import tfmerge.tfcore"
+                    core / MiB, color="tab:blue", linestyle=":", label="import tfmerge.build.tfcore"
                 )
         axis.set_xscale("log")
         axis.set_yscale("log")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tfmerge import exitcodes
-from tfmerge.graphs import LARGE_CONSTANT_BYTES
+from tfmerge.build.constants import LARGE_CONSTANT_BYTES
 
 import graphgen
 from conftest import HYAUDIO

@@ -17,8 +17,8 @@ import tensorflow as tf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tfmerge import bundle
-from tfmerge.bundle import DataWriter, Entry, write_index
+from tfmerge.build import bundle
+from tfmerge.build.bundle import DataWriter, Entry, write_index
 
 BFLOAT16 = tf.bfloat16.as_numpy_dtype
 _FOOTER_SIZE = 48

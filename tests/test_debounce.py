@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tfmerge.debounce import Change, ChangeKind, Debouncer, Flush, StatKey, is_input_path
+from tfmerge.daemon.debounce import Change, ChangeKind, Debouncer, Flush, StatKey
+from tfmerge.inputs import is_input_path
 
 QUIET = 2.0
 MAX_WAIT = 30.0

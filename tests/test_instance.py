@@ -17,7 +17,7 @@ import pytest
 
 import tfmerge
 from tfmerge import exitcodes
-from tfmerge.instance import LOCK_FILE_NAME, AlreadyRunning, InstanceLock
+from tfmerge.folders.fs import LOCK_FILE_NAME, AlreadyRunning, InstanceLock
 
 PACKAGE_ROOT = Path(tfmerge.__file__).resolve().parent.parent
 CHILD_TIMEOUT = 60.0
@@ -26,7 +26,7 @@ CHILD_TIMEOUT = 60.0
 HOLDER_SCRIPT = """
 import sys
 from pathlib import Path
-from tfmerge.instance import InstanceLock
+from tfmerge.folders.fs import InstanceLock
 
 lock = InstanceLock(Path(sys.argv[1]))
 lock.acquire()
@@ -40,7 +40,7 @@ import json
 import sys
 from pathlib import Path
 from tfmerge import exitcodes
-from tfmerge.instance import AlreadyRunning, InstanceLock
+from tfmerge.folders.fs import AlreadyRunning, InstanceLock
 
 lock = InstanceLock(Path(sys.argv[1]))
 try:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import tfmerge
-from tfmerge.notify import MAX_DATAGRAM_BYTES, Notifier
+from tfmerge.daemon.notify import MAX_DATAGRAM_BYTES, Notifier
 
 PACKAGE_ROOT = Path(tfmerge.__file__).resolve().parent.parent
 RECEIVE_TIMEOUT = 30.0
@@ -327,7 +327,7 @@ def test_closed_notifier_sends_nothing(path_receiver: Receiver) -> None:
 
 CHILD_SCRIPT = """
 import sys
-from tfmerge.notify import Notifier
+from tfmerge.daemon.notify import Notifier
 
 with Notifier.from_environ() as notifier:
     sent = [notifier.ready("serving version 3"), notifier.status("idle")]

@@ -11,12 +11,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
 from tfmerge import cli, exitcodes
+from tfmerge.build.predict import outputs_from_json, to_json
+from tfmerge.build.smoke import ATTEMPTS, smoke
 from tfmerge.config import Config
 from tfmerge.config import load as load_config
-from tfmerge.smoke import ATTEMPTS, outputs_from_json, smoke, to_json
 
 import graphgen
 from grpcserving import (
@@ -84,7 +86,8 @@ def served(project: Project) -> Iterator[ServedModel]:
 
 def run_smoke(config: Config, **options: Any) -> tuple[int, list[dict[str, Any]], list[float]]:
     waits: list[float] = []
-    with capture_logs() as events:
+    # Context bound for the whole command (via, version) is part of every event.
+    with capture_logs(processors=[merge_contextvars]) as events:
         code = smoke(config, sleep=waits.append, **options)
     return code, events, waits
 

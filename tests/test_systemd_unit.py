@@ -31,7 +31,8 @@ from typing import Any
 
 import pytest
 
-from tfmerge import exitcodes, publish
+from tfmerge import exitcodes
+from tfmerge.folders import publish
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD_DIR = REPO / "systemd"

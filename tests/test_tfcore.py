@@ -10,7 +10,7 @@ import textwrap
 _PROBE = textwrap.dedent(
     """
     import json, sys
-    from tfmerge import build, tfcore
+    from tfmerge.build import run, tfcore
     before = {
         "full": tfcore.is_full_tensorflow_loaded(),
         "api": "tensorflow._api.v2" in sys.modules,

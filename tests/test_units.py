@@ -10,10 +10,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tfmerge import config as config_module
-from tfmerge import publish, specs
-from tfmerge.bundle import Entry
+from tfmerge import specs
+from tfmerge.build.bundle import Entry
+from tfmerge.build.merge import scope_for
+from tfmerge.build.variables import Variables, restore_groups
 from tfmerge.config import ConfigError
-from tfmerge.merge import _restore_groups, _Variables, scope_for
+from tfmerge.folders import publish
 
 _VALID_NODE_NAME = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\-/]*$")
 
@@ -224,9 +226,9 @@ def test_folders_must_not_nest_or_coincide(tmp_path: Path) -> None:
 
 @given(st.lists(st.integers(min_value=0, max_value=1 << 30), max_size=40))
 def test_restore_groups_cover_every_variable_once_and_balance_bytes(sizes: list[int]) -> None:
-    variables = _Variables()
+    variables = Variables()
     variables.entries = [Entry(f"v{i}", 1, (size,), 0, size, 0) for i, size in enumerate(sizes)]
-    groups = _restore_groups(variables)
+    groups = restore_groups(variables)
     assert sorted(i for group in groups for i in group) == list(range(len(sizes)))
     assert len(groups) == min(8, len(sizes))
     assert all(groups)

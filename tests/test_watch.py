@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tfmerge.debounce import Change
-from tfmerge.watch import FolderWatcher
+from tfmerge.daemon.debounce import Change
+from tfmerge.daemon.watch import FolderWatcher
 
 WAIT_SECONDS = 10.0
 BARRIER = "zz-barrier.pb"

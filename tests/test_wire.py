@@ -1,4 +1,4 @@
-"""Reading a GraphDef's large constants in place: the wire walk and graphs.read_graph."""
+"""Reading a GraphDef's large constants in place: the wire walk and reading.read_graph."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import pytest
 import tensorflow as tf
 from google.protobuf import text_format
 
-from tfmerge import graphs, wire
+from tfmerge.build import constants, reading, wire
+from tfmerge.models import ModelRejected
 
-LARGE = graphs.LARGE_CONSTANT_BYTES
+LARGE = constants.LARGE_CONSTANT_BYTES
 
 
 def _const(graph_def: Any, name: str, value: np.ndarray, dtype: Any = None) -> Any:
@@ -79,7 +80,7 @@ def test_a_repeated_value_attr_is_left_to_the_plain_parser(tmp_path: Path) -> No
         wire.split_payloads(memoryview(data), LARGE)
     path = tmp_path / "g.pb"
     path.write_bytes(data)
-    read = graphs.read_graph(path, "g.pb", 1 << 40)
+    read = reading.read_graph(path, "g.pb", 1 << 40)
     assert read.payloads == {}
     # What any parser makes of it: the last "value" (zeros) wins.
     expected = tf.compat.v1.GraphDef.FromString(data)
@@ -114,7 +115,7 @@ def test_read_graph_gives_views_of_the_constants_and_the_file_digest(tmp_path: P
     graph_def, values = _graph()
     path = tmp_path / "g.pb"
     path.write_bytes(graph_def.SerializeToString(deterministic=True))
-    read = graphs.read_graph(path, "g.pb", 1 << 40)
+    read = reading.read_graph(path, "g.pb", 1 << 40)
     assert read.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert bytes(read.data) == path.read_bytes()
     assert read.graph_def == _without_contents(graph_def, set(values))
@@ -125,7 +126,7 @@ def test_read_graph_gives_views_of_the_constants_and_the_file_digest(tmp_path: P
     for view in read.payloads.values():
         assert np.frombuffer(view, np.uint8).ctypes.data % 64 == 0
 
-    light, large = graphs.split_large_constants(read.graph_def, read.payloads)
+    light, large = constants.split_large_constants(read.graph_def, read.payloads)
     assert [c.name for c in large] == ["big", "scope/wide"]
     for constant in large:
         np.testing.assert_array_equal(constant.value, values[constant.name])
@@ -140,9 +141,9 @@ def test_a_large_constant_the_merge_does_not_move_keeps_its_bytes(tmp_path: Path
     _const(graph_def, "q", quantized, tf.qint8)
     path = tmp_path / "q.pb"
     path.write_bytes(graph_def.SerializeToString(deterministic=True))
-    read = graphs.read_graph(path, "q.pb", 1 << 40)
+    read = reading.read_graph(path, "q.pb", 1 << 40)
     assert set(read.payloads) == {"q"}
-    light, large = graphs.split_large_constants(read.graph_def, read.payloads)
+    light, large = constants.split_large_constants(read.graph_def, read.payloads)
     assert large == []
     assert light.node[0] == graph_def.node[0]
 
@@ -153,9 +154,9 @@ def test_content_that_does_not_match_the_shape_is_refused(tmp_path: Path) -> Non
     node.attr["value"].tensor.tensor_content += b"\0\0"
     path = tmp_path / "c.pb"
     path.write_bytes(graph_def.SerializeToString())
-    read = graphs.read_graph(path, "c.pb", 1 << 40)
-    with pytest.raises(graphs.ModelRejected) as caught:
-        graphs.split_large_constants(read.graph_def, read.payloads)
+    read = reading.read_graph(path, "c.pb", 1 << 40)
+    with pytest.raises(ModelRejected) as caught:
+        constants.split_large_constants(read.graph_def, read.payloads)
     assert caught.value.code == "invalid_graph"
     assert "'c'" in caught.value.reason
 
@@ -164,10 +165,10 @@ def test_a_text_graph_is_parsed_whole(tmp_path: Path) -> None:
     graph_def, values = _graph()
     path = tmp_path / "g.pbtxt"
     path.write_text(text_format.MessageToString(graph_def))
-    read = graphs.read_graph(path, "g.pbtxt", 1 << 40)
+    read = reading.read_graph(path, "g.pbtxt", 1 << 40)
     assert read.payloads == {}
     assert read.graph_def == graph_def
-    _, large = graphs.split_large_constants(read.graph_def, read.payloads)
+    _, large = constants.split_large_constants(read.graph_def, read.payloads)
     assert {c.name for c in large} == set(values)
 
 
@@ -177,8 +178,8 @@ def test_a_cut_off_file_is_refused_as_unparseable(tmp_path: Path, cut: int) -> N
     data = graph_def.SerializeToString(deterministic=True)
     path = tmp_path / "g.pb"
     path.write_bytes(data[: len(data) - cut])
-    with pytest.raises(graphs.ModelRejected) as caught:
-        graphs.read_graph(path, "g.pb", 1 << 40)
+    with pytest.raises(ModelRejected) as caught:
+        reading.read_graph(path, "g.pb", 1 << 40)
     assert caught.value.code == "unparseable"
 
 
@@ -187,7 +188,7 @@ def test_a_node_without_an_op_is_refused_beside_large_constants(tmp_path: Path) 
     graph_def.node.add(name="nameless_op")
     path = tmp_path / "g.pb"
     path.write_bytes(graph_def.SerializeToString(deterministic=True))
-    with pytest.raises(graphs.ModelRejected) as caught:
-        graphs.read_graph(path, "g.pb", 1 << 40)
+    with pytest.raises(ModelRejected) as caught:
+        reading.read_graph(path, "g.pb", 1 << 40)
     assert caught.value.code == "not_a_graphdef"
     assert "no op" in caught.value.reason

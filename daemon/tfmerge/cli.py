@@ -11,11 +11,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tfmerge import __version__, exitcodes, logs, pipeline, publish
+from tfmerge import __version__, exitcodes, logs
 from tfmerge.config import Config, ConfigError
 from tfmerge.config import load as load_config
+from tfmerge.daemon import pipeline
+from tfmerge.folders import publish
+from tfmerge.folders.state import Store
 from tfmerge.logs import get_logger
-from tfmerge.store import Store
 
 DEFAULT_CONFIG = Path("/etc/tfmerge/tfmerge.toml")
 
@@ -99,59 +101,62 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(config: Config) -> int:
-    from tfmerge.service import run_daemon
+    from tfmerge.daemon.service import run_daemon
 
     return run_daemon(config)
 
 
 def _build(config: Config) -> int:
-    from tfmerge.build import run_build
+    from tfmerge.build.run import run_build
 
     outcome = pipeline.run_once(config, run_build, trigger="command")
     return exitcodes.OK if outcome.ok else exitcodes.FAILED
 
 
 def _check(config: Config) -> int:
-    from tfmerge.build import check_all
+    from tfmerge.build.check import check_all
 
     rejections = check_all(config)
     return exitcodes.OK if not rejections else exitcodes.FAILED
 
 
 def _inspect(path: Path, *, as_json: bool) -> int:
-    from tfmerge import graphs
+    from tfmerge import oppolicy
+    from tfmerge.build import constants, reading, signatures
+    from tfmerge.models import ModelRejected
 
     log = get_logger(file=str(path))
     try:
-        sha256, data, graph_def = graphs.read_graph_def(path, path.name, 1 << 62)
-        graph = graphs.import_graph(graph_def)
-        inputs, outputs = graphs.infer_signature(graph)
-    except graphs.ModelRejected as exc:
+        # The same reader as a build's, with no size limit: inspect is run on purpose.
+        read = reading.read_graph(path, path.name, 1 << 62)
+        graph_def = read.graph_def
+        light, large = constants.split_large_constants(graph_def, read.payloads, read.offsets)
+        graph = signatures.import_graph(light)
+        inputs, outputs = signatures.infer_signature(graph, [c.name for c in large])
+    except ModelRejected as exc:
         log.error("inspect_failed", code=exc.code, reason=exc.reason)
         return exitcodes.FAILED
-    placeholders = {k: graphs.tensor_sig(graph, n).as_dict() for k, n in inputs.items()}
-    candidates = {k: graphs.tensor_sig(graph, n).as_dict() for k, n in outputs.items()}
+    placeholders = {k: signatures.tensor_sig(graph, n).as_dict() for k, n in inputs.items()}
+    candidates = {k: signatures.tensor_sig(graph, n).as_dict() for k, n in outputs.items()}
     ops = Counter(node.op for node in graph_def.node)
-    from tfmerge import oppolicy
-
-    violations = oppolicy.find_violations(graphs.op_triples(graph_def))
+    violations = oppolicy.find_violations(oppolicy.op_triples(graph_def))
     report: dict[str, Any] = {
         "file": str(path),
-        "size": len(data),
-        "sha256": sha256,
+        "size": len(read.data),
+        "sha256": read.sha256,
         "nodes": len(graph_def.node),
         "functions": len(graph_def.library.function),
         "ops": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
         "placeholders": placeholders,
         "candidate_outputs": candidates,
-        "initializers": graphs.initializer_nodes(graph_def),
+        "initializers": signatures.initializer_nodes(graph_def),
         "refused_ops": oppolicy.describe(violations) or None,
         "entry": _entry_toml(path, inputs, outputs),
     }
     if as_json:
         print(json.dumps(report, indent=2))
         return exitcodes.OK
-    print(f"{path}  {len(data):,} bytes  sha256 {sha256[:16]}…")
+    print(f"{path}  {report['size']:,} bytes  sha256 {read.sha256[:16]}…")
     print(f"{report['nodes']} nodes, {report['functions']} functions")
     print("ops: " + ", ".join(f"{op} {n}" for op, n in report["ops"].items()))
     print("placeholders:")
@@ -214,12 +219,12 @@ def status_report(config: Config) -> dict[str, Any]:
         )
     server: dict[str, Any] | None = None
     if config.serving.rest_url:
-        from tfmerge import serving
+        from tfmerge.daemon import tfserving
 
         try:
-            states = serving.model_status(config.serving)
+            states = tfserving.model_status(config.serving)
             server = {"model": config.serving.model_name, "versions": [s.as_dict() for s in states]}
-        except serving.ServingUnreachable as exc:
+        except tfserving.ServingUnreachable as exc:
             server = {"model": config.serving.model_name, "error": str(exc)}
     return {
         "server": server,
@@ -270,13 +275,13 @@ def _status(config: Config, *, as_json: bool) -> int:
 
 
 def _smoke(config: Config, args: argparse.Namespace) -> int:
-    from tfmerge.smoke import smoke
+    from tfmerge.build.smoke import smoke
 
     return smoke(config, via=args.via, target=args.target, version=args.version)
 
 
 def _rollback(config: Config, target: int | None) -> int:
-    from tfmerge import rollback
+    from tfmerge.folders import rollback
 
     return rollback.rollback(config, target)
 

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Literal, TextIO
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Literal, TextIO, cast
 
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 LogFormat = Literal["auto", "json", "console"]
+Logger = FilteringBoundLogger
 
 
 def configure(
@@ -42,6 +46,17 @@ def configure(
     )
 
 
-def get_logger(**context: Any) -> Any:
-    """A logger with ``context`` bound to every line it writes."""
-    return structlog.get_logger("tfmerge").bind(**context)
+def get_logger(**context: Any) -> Logger:
+    """A logger with ``context`` bound to every line it writes.
+
+    Context that holds for a whole unit of work (a build's ``build_id``) is bound once with
+    :func:`bound_context` instead, and every logger in that unit carries it.
+    """
+    return cast(Logger, structlog.get_logger("tfmerge").bind(**context))
+
+
+@contextmanager
+def bound_context(**context: Any) -> Iterator[None]:
+    """Add ``context`` to every line logged inside the block, in this thread of work."""
+    with structlog.contextvars.bound_contextvars(**context):
+        yield

@@ -15,10 +15,12 @@ and what is deliberately left out.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Final
+from typing import Any, Final
+
+from tfmerge.models import ModelRejected
 
 FILES: Final = "files"
 NETWORK: Final = "network"
@@ -324,3 +326,19 @@ def _join(parts: Iterable[str]) -> str:
     if len(items) == 1:
         return items[0]
     return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def op_triples(graph_def: Any) -> Iterator[tuple[str, str, str | None]]:
+    """(node, op, function) for every node of the graph and of every function in its library."""
+    for node in graph_def.node:
+        yield node.name, node.op, None
+    for function in graph_def.library.function:
+        for node in function.node_def:
+            yield node.name, node.op, function.signature.name
+
+
+def check_ops(graph_def: Any, allow: Sequence[str]) -> None:
+    """Refuse a GraphDef (ModelRejected) that uses an op this policy denies."""
+    violations = find_violations(op_triples(graph_def), allow)
+    if violations:
+        raise ModelRejected("forbidden_op", describe(violations))

@@ -15,44 +15,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tfmerge import debounce
 from tfmerge.config import Config, ModelDecl, Problem, parse_models
-from tfmerge.debounce import is_input_path
+from tfmerge.inputs import MODEL_SUFFIXES as _SUFFIXES
+from tfmerge.inputs import SIDECAR_SUFFIX, is_input_path, size_problem
+from tfmerge.models import ModelSpec, Rejection
 
 #: Binary first: NAME.pb wins over NAME.pbtxt when a sidecar could mean either.
-MODEL_SUFFIXES = tuple(sorted(debounce.MODEL_SUFFIXES))
-SIDECAR_SUFFIX = debounce.SIDECAR_SUFFIX
+MODEL_SUFFIXES = tuple(sorted(_SUFFIXES))
 #: Bumped when the layout of a merged SavedModel changes, so old versions are rebuilt.
 FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One signature to serve, with its graph file resolved inside ``frozen_dir``."""
-
-    signature: str
-    relpath: str
-    inputs: Mapping[str, str] | None  # None: infer from the graph's placeholders
-    outputs: Mapping[str, str] | None  # None: infer from the graph's sink tensors
-    sample: Mapping[str, Any] | None = None
-    origin: str = "config"
-
-    @property
-    def discovered(self) -> bool:
-        return self.inputs is None
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """An input refused before or during a build: always a file and a reason."""
-
-    code: str
-    reason: str
-    file: str | None = None
-    signature: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -223,16 +194,8 @@ def resolve(config: Config) -> Resolution:
 
 
 def _check_size(path: Path, relpath: str, limit: int) -> Rejection | None:
-    size = path.stat().st_size
-    if size == 0:
-        return Rejection(
-            "empty_file", "the file is empty (an upload that has not started?)", relpath
-        )
-    if size > limit:
-        return Rejection(
-            "too_large", f"{size} bytes is over max_model_bytes = {limit}", file=relpath
-        )
-    return None
+    problem = size_problem(path.stat().st_size, limit)
+    return None if problem is None else Rejection(*problem, file=relpath)
 
 
 def file_sha256(path: Path) -> str:

@@ -12,7 +12,6 @@ have ``while_body_frozen_71``-like names) is renamed in the later graph, with ev
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
@@ -20,18 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tfmerge import bundle
-from tfmerge.graphs import TensorSig
-from tfmerge.wire import length_field_key
+from tfmerge.build import bundle, tfcore, variables
+from tfmerge.build.wire import length_field_key
+from tfmerge.models import TensorSig
 
 #: Name of the NoOp that runs every graph's initializers when the SavedModel loads.
 MAIN_OP_NAME = "tfmerge_main_op"
 _MAIN_OP_COLLECTION = "saved_model_main_op"
 _PREDICT = "tensorflow/serving/predict"
 _INVALID_SCOPE_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
-#: The bundle's path prefix under the version; TensorFlow Serving restores from it.
-VARIABLES_PREFIX = "variables/variables"
-_SAVER_SCOPE = "tfmerge_save"
 
 
 def scope_for(signature: str) -> str:
@@ -189,120 +185,6 @@ class _Library:
         raise RuntimeError(f"no free name for function {name}")
 
 
-class _Variables:
-    """The large constants of every graph: the bundle's index and the graph's restore nodes."""
-
-    def __init__(self) -> None:
-        self.entries: list[bundle.Entry] = []
-        self.handles: list[str] = []
-
-    @property
-    def names(self) -> list[str]:
-        return [entry.key for entry in self.entries]
-
-    @property
-    def dtypes(self) -> list[int]:
-        return [entry.dtype for entry in self.entries]
-
-    @property
-    def bytes(self) -> int:
-        return sum(entry.size for entry in self.entries)
-
-
-def _externalise(
-    graph_def: Any, scope: str, constants: Sequence[bundle.Entry], variables: _Variables
-) -> None:
-    """Turn each large constant's placeholder into a resource variable read."""
-    if not constants:
-        return
-    by_name = {_tensor_in_scope(scope, entry.key): entry for entry in constants}
-    taken = {node.name for node in graph_def.node}
-    handles = []
-    for node in graph_def.node:
-        entry = by_name.get(node.name)
-        if entry is None or node.op != "Placeholder":
-            continue
-        handle_name = f"{node.name}/tfmerge_variable"
-        while handle_name in taken:
-            handle_name += "_"
-        taken.add(handle_name)
-        variables.entries.append(dataclasses.replace(entry, key=node.name))
-        variables.handles.append(handle_name)
-        handle = type(node)(name=handle_name, op="VarHandleOp", device=node.device)
-        handle.attr["dtype"].type = entry.dtype
-        handle.attr["shape"].shape.CopyFrom(node.attr["shape"].shape)
-        handle.attr["container"].s = b""
-        handle.attr["shared_name"].s = node.name.encode()
-        handles.append(handle)
-        controls = [ref for ref in node.input if ref.startswith("^")]
-        private = {key: attr for key, attr in node.attr.items() if key.startswith("_")}
-        node.ClearField("attr")
-        node.op = "ReadVariableOp"
-        node.attr["dtype"].type = entry.dtype
-        for key, attr in private.items():
-            node.attr[key].CopyFrom(attr)
-        node.input[:] = [handle_name, *controls]
-    graph_def.node.extend(handles)
-
-
-#: At most this many RestoreV2 ops share the variables: TensorFlow runs them on parallel threads,
-#: and filling fresh memory is most of a restore's time.
-_RESTORE_OPS = 8
-
-
-def _restore_groups(writer: _Variables) -> list[list[int]]:
-    """The variables' indices split into groups of about equal bytes, largest first."""
-    count = min(_RESTORE_OPS, len(writer.entries))
-    groups: list[list[int]] = [[] for _ in range(count)]
-    loads = [0] * count
-    for index in sorted(range(len(writer.entries)), key=lambda i: -writer.entries[i].size):
-        # Fewest tensors breaks ties, so that no restore op is left without any.
-        lightest = min(range(count), key=lambda g: (loads[g], len(groups[g])))
-        groups[lightest].append(index)
-        loads[lightest] += writer.entries[index].size
-    return [sorted(group) for group in groups]
-
-
-def _add_restore(head: Any, writer: _Variables, saver_def: Any) -> None:
-    """The nodes the SavedModel loader runs to fill the variables from ``variables/``."""
-    from tfmerge import tfcore
-
-    scope = _SAVER_SCOPE
-    string = tfcore.dtypes.string.as_datatype_enum
-    filename = head.node.add(name=f"{scope}/filename", op="Const")
-    filename.attr["dtype"].type = string
-    filename.attr["value"].tensor.CopyFrom(tfcore.make_tensor_proto("model"))
-    restore_all = head.node.add(name=f"{scope}/restore_all", op="NoOp")
-    names, dtypes = writer.names, writer.dtypes
-    for number, group in enumerate(_restore_groups(writer)):
-        part = f"{scope}/part_{number}"
-        slices = [""] * len(group)
-        for name, values in (
-            ("tensor_names", [names[i] for i in group]),
-            ("shape_and_slices", slices),
-        ):
-            const = head.node.add(name=f"{part}/{name}", op="Const")
-            const.attr["dtype"].type = string
-            const.attr["value"].tensor.CopyFrom(
-                tfcore.make_tensor_proto(values, dtype=tfcore.dtypes.string)
-            )
-        restore = head.node.add(name=f"{part}/RestoreV2", op="RestoreV2")
-        restore.input.extend(
-            [f"{scope}/filename", f"{part}/tensor_names", f"{part}/shape_and_slices"]
-        )
-        restore.attr["dtypes"].list.type.extend(dtypes[i] for i in group)
-        for output, index in enumerate(group):
-            assign = head.node.add(name=f"{scope}/assign_{index}", op="AssignVariableOp")
-            assign.input.extend([writer.handles[index], f"{part}/RestoreV2:{output}"])
-            assign.attr["dtype"].type = dtypes[index]
-            restore_all.input.append(f"^{assign.name}")
-    saver_def.filename_tensor_name = f"{scope}/filename:0"
-    # The loader only restores; a save tensor is required by the SaverDef but never run.
-    saver_def.save_tensor_name = f"{scope}/filename:0"
-    saver_def.restore_op_name = f"{scope}/restore_all"
-    saver_def.version = saver_def.V2
-
-
 def _write_chunks(path: Path, chunks: Sequence[bytes]) -> int:
     """Not synced: publish syncs the whole version before it renames it into place."""
     with path.open("wb") as handle:
@@ -321,10 +203,9 @@ class _Head:
 
 
 def _meta_graph(
-    units: Sequence[GraphUnit], library: _Library, writer: _Variables, head: _Head
+    units: Sequence[GraphUnit], library: _Library, writer: variables.Variables, head: _Head
 ) -> Any:
     """The MetaGraphDef without the graphs' nodes: versions, init op, library, signatures."""
-    from tfmerge import tfcore
 
     meta = tfcore.meta_graph_pb2.MetaGraphDef()
     meta.meta_info_def.tags.append("serve")
@@ -339,7 +220,7 @@ def _meta_graph(
     for function_name, gradient in sorted(library.gradients.items()):
         graph.library.gradient.add(function_name=function_name, gradient_func=gradient)
     if writer.entries:
-        _add_restore(graph, writer, meta.saver_def)
+        variables.add_restore(graph, writer, meta.saver_def)
     meta.collection_def[_MAIN_OP_COLLECTION].node_list.value.append(MAIN_OP_NAME)
     for unit in units:
         for spec in unit.signatures:
@@ -353,7 +234,7 @@ def _meta_graph(
 
 
 def _merge_unit(
-    unit: GraphUnit, library: _Library, variables: _Variables, head: _Head
+    unit: GraphUnit, library: _Library, stored: variables.Variables, head: _Head
 ) -> tuple[bytes, int]:
     """One graph's nodes, renamed into its scope and serialised; and how many there are."""
     graph_def = unit.graph_def
@@ -361,7 +242,7 @@ def _merge_unit(
     renames = library.add_graph_library(graph_def.library)
     for node in graph_def.node:
         _scope_node(node, unit.scope, renames)
-    _externalise(graph_def, unit.scope, unit.constants, variables)
+    variables.externalise(graph_def, unit.scope, unit.constants, stored)
     head.init_nodes.extend(_tensor_in_scope(unit.scope, n) for n in unit.init_nodes)
     version = graph_def.versions
     # The oldest producer keeps every graph's deprecated ops loadable.
@@ -386,7 +267,7 @@ def merge(
     export_dir.mkdir(parents=True, exist_ok=True)
     (export_dir / "variables").mkdir(exist_ok=True)
     library = _Library()
-    writer = _Variables()
+    writer = variables.Variables()
     head = _Head(init_nodes=[])
     node_chunks: list[bytes] = []
     node_count = 0
@@ -396,7 +277,7 @@ def merge(
         node_count += count
     if writer.entries:
         shards = 1 + max(entry.shard for entry in writer.entries)
-        bundle.write_index(export_dir / VARIABLES_PREFIX, writer.entries, shards)
+        bundle.write_index(export_dir / variables.VARIABLES_PREFIX, writer.entries, shards)
     meta = _meta_graph(units, library, writer, head)
     for alias, target in (aliases or {}).items():
         meta.signature_def[alias].CopyFrom(meta.signature_def[target])

@@ -31,7 +31,7 @@ from tfmerge.specs import Resolution
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
 
-    from tfmerge.results import BuildResult
+    from tfmerge.models import BuildResult
 
 #: errno values worth a retry: the file system is busy, full or failing, not the input bad.
 TRANSIENT_ERRNOS = frozenset(
@@ -76,7 +76,7 @@ def _child_main(conn: Connection, log_format: str, log_level: str, supervisor: i
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(supervisor)
     logs.configure(fmt=log_format, level=log_level)  # type: ignore[arg-type]
-    from tfmerge.build import run_build
+    from tfmerge.build.run import run_build
 
     conn.send(("ready", os.getpid()))
     try:

@@ -1,6 +1,6 @@
 """Turn inotify events on the watched folder (through watchdog) into :class:`Change` values.
 
-Translation and filtering only; when a batch is ready is :mod:`tfmerge.debounce`'s call.
+Translation and filtering only; when a batch is ready is :mod:`tfmerge.daemon.debounce`'s call.
 
 * File events map one to one: created, modified (watchdog also reports attribute
   changes as modified), closed (close-after-write), deleted. A rename inside the tree
@@ -12,7 +12,7 @@ Translation and filtering only; when a batch is ready is :mod:`tfmerge.debounce`
   watchdog 6 walks it and emits one event per file inside (a ``created`` for a folder
   from outside the tree, a move for a folder renamed within it), and those are
   translated like any other: walking it here as well would report each file twice.
-* Only paths :func:`~tfmerge.debounce.is_input_path` accepts are reported, relative to
+* Only paths :func:`~tfmerge.inputs.is_input_path` accepts are reported, relative to
   the root, with POSIX separators.
 * ``also_watch`` names single files (the configuration) outside the input rules. Their
   parent folders are watched non-recursively and only the exact names are reported,
@@ -45,7 +45,8 @@ from watchdog.events import (
 )
 from watchdog.observers.inotify import InotifyObserver
 
-from tfmerge.debounce import Change, ChangeKind, is_input_path
+from tfmerge.daemon.debounce import Change, ChangeKind
+from tfmerge.inputs import is_input_path
 
 OnChange = Callable[[Change], None]
 

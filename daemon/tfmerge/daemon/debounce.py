@@ -58,17 +58,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import PurePosixPath
-from typing import Final, Literal
+from typing import Literal
+
+from tfmerge.inputs import is_input_path
 
 ChangeKind = Literal["created", "modified", "closed", "moved_in", "moved_out", "deleted"]
 FlushReason = Literal["settled", "max_wait"]
-
-#: Suffixes of frozen graphs (binary GraphDef and its text form).
-MODEL_SUFFIXES: Final = frozenset({".pb", ".pbtxt"})
-#: ``NAME.toml`` next to ``NAME.pb`` declares that model.
-SIDECAR_SUFFIX: Final = ".toml"
-INPUT_SUFFIXES: Final = MODEL_SUFFIXES | {SIDECAR_SUFFIX}
 
 
 @dataclass(frozen=True)
@@ -77,24 +72,6 @@ class Change:
 
     path: str
     kind: ChangeKind
-
-
-def is_input_path(path: str) -> bool:
-    """Whether ``path`` (relative to the watched root) can be an input of a build.
-
-    Inputs end in ``.pb``, ``.pbtxt`` or ``.toml`` (case matters, as in a shell glob).
-    Any path component starting with ``.`` disqualifies the path: that covers dotfiles,
-    hidden folders and rsync's ``.<name>.<random>`` temporaries. Upload leftovers
-    (``*.part``, ``*.filepart``, ``*.tmp``, ``*.swp``, ``name~``) end in something else,
-    so the suffix rule already turns them away. Absolute paths are not relative to the
-    root and are refused too.
-    """
-    if not path or path.startswith("/"):
-        return False
-    parts = path.split("/")
-    if any(not part or part.startswith(".") for part in parts):
-        return False
-    return PurePosixPath(parts[-1]).suffix in INPUT_SUFFIXES
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from tfmerge import live, publish, specs
+from tfmerge import specs
 from tfmerge.config import Config
-from tfmerge.logs import get_logger
-from tfmerge.store import AcceptedModel, Store, high_water, new_build_id
+from tfmerge.daemon import live
+from tfmerge.folders import publish
+from tfmerge.folders.state import Store, high_water, new_build_id
+from tfmerge.logs import bound_context, get_logger
+from tfmerge.models import AcceptedModel
 
 if TYPE_CHECKING:  # importing tfmerge.build at run time would import TensorFlow
-    from tfmerge.results import BuildResult
+    from tfmerge.models import BuildResult
 
 
 class BuildRunner(Protocol):
@@ -100,7 +103,31 @@ def run_once(
     was built from end the build before TensorFlow is started (the daemon's start-up check).
     """
     build_id = new_build_id()
-    log = get_logger(build_id=build_id)
+    with bound_context(build_id=build_id):
+        return _run_once(
+            config,
+            runner,
+            build_id,
+            trigger=trigger,
+            settle_seconds=settle_seconds,
+            skip_unchanged_files=skip_unchanged_files,
+            warn_no_default=warn_no_default,
+            wait=wait,
+        )
+
+
+def _run_once(
+    config: Config,
+    runner: BuildRunner,
+    build_id: str,
+    *,
+    trigger: str,
+    settle_seconds: float | None,
+    skip_unchanged_files: bool,
+    warn_no_default: bool,
+    wait: Callable[[float], bool] | None,
+) -> Outcome:
+    log = get_logger()
     store = Store(config.state_dir)
     started = time.monotonic()
     config.serving_dir.mkdir(parents=True, exist_ok=True)
@@ -111,7 +138,7 @@ def run_once(
     newest_version, manifest = newest_manifest(config)
     log.info("build_started", trigger=trigger, models=len(resolution.specs), newest=newest_version)
     if skip_unchanged_files and raw == manifest.get("raw_fingerprint") and raw:
-        return _unchanged_files(build_id, store, newest_version, manifest, log, started)
+        return _unchanged_files(build_id, store, newest_version, manifest, started)
     staging = publish.staging_path(config.serving_dir, build_id)
     try:
         result = runner(
@@ -123,9 +150,9 @@ def run_once(
             raw_fingerprint=raw,
         )
         outcome, version, fields = _conclude(
-            config, store, staging, result, newest_version, log, wait=wait or _sleep
+            config, store, staging, result, newest_version, wait=wait or _sleep
         )
-        if _lacks_default(config, result, log if warn_no_default else None):
+        if _lacks_default(config, result, warn=warn_no_default):
             fields["no_default_signature"] = True
         durations = fields["durations"]
         if settle_seconds is not None:
@@ -169,7 +196,6 @@ def _conclude(
     staging: Path,
     result: BuildResult,
     newest_version: int | None,
-    log: Any,
     *,
     wait: Callable[[float], bool],
 ) -> tuple[str, int | None, dict[str, Any]]:
@@ -180,16 +206,16 @@ def _conclude(
         changes = _changes(store.accepted(), result.models)
         fields: dict[str, Any] = dict(changes)
         publish_started = time.monotonic()
-        version = _publish(config, store, staging, result, changes, log)
+        version = _publish(config, store, staging, result, changes)
         fields["published_at"] = time.monotonic()
         durations["publish"] = round(fields["published_at"] - publish_started, 4)
         if config.serving.rest_url:
-            fields.update(live.follow(config, version, log, wait))
+            fields.update(live.follow(config, version, wait))
     else:
         # Nothing was published, so nothing was added, updated or removed.
         kept = sorted(m.signature for m in result.models if m.kept)
         fields = {"added": [], "updated": [], "kept": kept, "removed": []}
-        _log_unpublished(result, newest_version, log)
+        _log_unpublished(result, newest_version)
     store.record_rejections(result.rejections)
     fields["rejected"] = [r.as_dict() for r in result.rejections]
     fields["durations"] = durations
@@ -203,10 +229,10 @@ def _unchanged_files(
     store: Store,
     newest: int | None,
     manifest: dict[str, Any],
-    log: Any,
     started: float,
 ) -> Outcome:
     """The summary of a build ended before TensorFlow: newest was built from these very files."""
+    log = get_logger()
     log.info("build_unchanged", version=newest, fingerprint=manifest.get("fingerprint"))
     rejections = store.rejections()
     fields = {
@@ -224,20 +250,21 @@ def _unchanged_files(
     return Outcome(build_id, "unchanged", None, len(rejections), fields)
 
 
-def _log_unpublished(result: BuildResult, newest_version: int | None, log: Any) -> None:
+def _log_unpublished(result: BuildResult, newest_version: int | None) -> None:
+    log = get_logger()
     if result.outcome == "unchanged":
         log.info("build_unchanged", version=newest_version, fingerprint=result.fingerprint)
     elif result.outcome == "empty":
         log.warning("build_empty", reason="no model was accepted; nothing to publish")
 
 
-def _lacks_default(config: Config, result: BuildResult, log: Any | None) -> bool:
-    """True (and a warning when log is given) when clients naming no signature would fail."""
+def _lacks_default(config: Config, result: BuildResult, *, warn: bool) -> bool:
+    """True (and a warning when warn) when clients naming no signature would fail."""
     names = sorted(m.signature for m in result.models)
     if not names or "serving_default" in names or config.default_signature in names:
         return False
-    if log is not None:
-        log.warning(
+    if warn:
+        get_logger().warning(
             "no_default_signature",
             signatures=names,
             reason="requests that name no signature will fail; set default_signature",
@@ -256,22 +283,17 @@ def _publish(
     staging: Path,
     result: BuildResult,
     changes: dict[str, list[str]],
-    log: Any,
 ) -> int:
-    with publish.publish_lock(config.state_dir):
-        version = publish.next_version(config.serving_dir, high_water(store))
-        publish.publish(staging, config.serving_dir, version)
-        store.raise_high_water(version)
-        publish.write_history(
-            config.serving_dir,
-            publish.HistoryLine(version, changes["added"], _message(changes)),
-            (m.signature for m in result.models),
-        )
-        store.record_accepted(result.models)
-        store.set_hold(None)
-        live_version = store.live()
-        protect = [live_version] if live_version is not None else []
-        pruned = publish.prune(config.serving_dir, config.keep_versions, protect=protect)
+    version, pruned = publish.publish_version(
+        config.serving_dir,
+        store,
+        staging,
+        keep_versions=config.keep_versions,
+        models=result.models,
+        new_signatures=changes["added"],
+        message=_message(changes),
+    )
+    log = get_logger()
     log.info(
         "version_published",
         version=version,

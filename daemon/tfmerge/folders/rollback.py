@@ -10,10 +10,12 @@ from __future__ import annotations
 import shutil
 import time
 
-from tfmerge import exitcodes, publish, specs
+from tfmerge import exitcodes, specs
 from tfmerge.config import Config
-from tfmerge.logs import get_logger
-from tfmerge.store import AcceptedModel, Store, high_water, new_build_id
+from tfmerge.folders import publish
+from tfmerge.folders.state import Store, new_build_id
+from tfmerge.logs import bound_context, get_logger
+from tfmerge.models import AcceptedModel
 
 
 class RollbackError(Exception):
@@ -40,7 +42,14 @@ def republish(
     newest left; it is still republished, so the number TensorFlow Serving follows moves on.
     """
     build_id = new_build_id()
-    log = get_logger(build_id=build_id)
+    with bound_context(build_id=build_id):
+        return _republish(config, target, build_id, reason=reason, allow_newest=allow_newest)
+
+
+def _republish(
+    config: Config, target: int | None, build_id: str, *, reason: str, allow_newest: bool
+) -> int:
+    log = get_logger()
     store = Store(config.state_dir)
     found = publish.versions(config.serving_dir)
     if target is None:
@@ -52,34 +61,28 @@ def republish(
     newest = max(found)
     if target == newest and not allow_newest:
         raise RollbackError(f"version {target} is already the newest")
+    source = found[target]
+    signatures = publish.read_manifest(source).get("signatures", {})
     staging = publish.staging_path(config.serving_dir, build_id)
+    update = {
+        "rolled_back_from": target,
+        "build_id": build_id,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     try:
-        with publish.publish_lock(config.state_dir):
-            publish.copy_version(
-                found[target],
-                staging,
-                {
-                    "rolled_back_from": target,
-                    "build_id": build_id,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                },
-            )
-            version = publish.next_version(config.serving_dir, high_water(store))
-            publish.publish(staging, config.serving_dir, version)
-            store.raise_high_water(version)
-            manifest = publish.read_manifest(config.serving_dir / str(version))
-            signatures = manifest.get("signatures", {})
-            publish.write_history(
-                config.serving_dir,
-                publish.HistoryLine(version, [], f"rollback to version {target}"),
-                signatures,
-            )
-            store.record_accepted(AcceptedModel.from_dict(m) for m in signatures.values())
+        version, pruned = publish.publish_version(
+            config.serving_dir,
+            store,
+            staging,
+            keep_versions=config.keep_versions,
+            models=[AcceptedModel.from_dict(m) for m in signatures.values()],
+            new_signatures=[],
+            message=f"rollback to version {target}",
             # The inputs now on disk are what was rolled back: the daemon must not rebuild them.
-            store.set_hold(specs.raw_fingerprint(config, specs.resolve(config)))
-            live = store.live()
-            protect = [version] if live is None else [version, live]
-            pruned = publish.prune(config.serving_dir, config.keep_versions, protect=protect)
+            hold=specs.raw_fingerprint(config, specs.resolve(config)),
+            # Under the lock, so that no concurrent publish prunes the source while it is read.
+            stage=lambda: publish.copy_version(source, staging, update),
+        )
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

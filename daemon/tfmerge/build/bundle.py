@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Self
 
 import google_crc32c
 
-from tfmerge.wire import encode_varint
+from tfmerge.build.wire import encode_varint
 
 if TYPE_CHECKING:
     import numpy as np

@@ -10,13 +10,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tfmerge import publish, rollback, serving
 from tfmerge.config import Config
-from tfmerge.store import Store
+from tfmerge.daemon import tfserving
+from tfmerge.folders import publish, rollback
+from tfmerge.folders.state import Store
+from tfmerge.logs import get_logger
 
 
-def _report(result: serving.LiveResult, version: int, store: Store, log: Any) -> None:
+def _report(result: tfserving.LiveResult, version: int, store: Store) -> None:
     """One event for the outcome of a wait: live, unconfirmed (no verdict) or failed."""
+    log = get_logger()
     seconds = round(result.seconds, 3)
     if result.live:
         store.record_live(version, result.seconds)
@@ -30,12 +33,13 @@ def _report(result: serving.LiveResult, version: int, store: Store, log: Any) ->
     method(event, version=version, state=result.state, reason=result.reason, seconds=seconds)
 
 
-def follow(config: Config, version: int, log: Any, wait: Callable[[float], bool]) -> dict[str, Any]:
+def follow(config: Config, version: int, wait: Callable[[float], bool]) -> dict[str, Any]:
     """Wait for version to go live; on failure roll back. Returns fields for the summary line."""
+    log = get_logger()
     store = Store(config.state_dir)
-    result = serving.wait_until_live(config.serving, version, wait=wait)
+    result = tfserving.wait_until_live(config.serving, version, wait=wait)
     fields: dict[str, Any] = {"live": result.live, "live_seconds": round(result.seconds, 3)}
-    _report(result, version, store, log)
+    _report(result, version, store)
     if result.live or result.interrupted or not config.serving.rollback_on_failure:
         return fields
     moved = publish.move_out(config.serving_dir, version, config.state_dir / "failed")
@@ -60,5 +64,5 @@ def follow(config: Config, version: int, log: Any, wait: Callable[[float], bool]
         log.error("rollback_failed", version=version, reason=str(exc))
         return fields
     fields["restored"] = restored
-    _report(serving.wait_until_live(config.serving, restored, wait=wait), restored, store, log)
+    _report(tfserving.wait_until_live(config.serving, restored, wait=wait), restored, store)
     return fields

@@ -19,65 +19,14 @@ No TensorFlow here.
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tfmerge.specs import Rejection
-
-
-@dataclass(frozen=True)
-class AcceptedModel:
-    """A model that passed every check, with the exact input it was built from."""
-
-    signature: str
-    relpath: str
-    sha256: str
-    size: int
-    inputs: Mapping[str, str]
-    outputs: Mapping[str, str]
-    sample: Mapping[str, Any] | None = None
-    origin: str = "config"
-    #: True when the current file was refused and this is its last good input.
-    kept: bool = False
-    #: Input and output types as the signature declares them, for `tfmerge status`.
-    tensors: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def suffix(self) -> str:
-        return ".pbtxt" if self.relpath.endswith(".pbtxt") else ".pb"
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> AcceptedModel:
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes | memoryview) -> None:
-    """Replace path with data so a reader sees the old bytes or the new ones, never a mix,
-    and only once they are on disk, so they survive a power loss."""
-    pending = PendingFile.start(path.parent, f".{path.name}.")
-    try:
-        write_all(pending.fd, data)
-    except BaseException:
-        pending.discard()
-        raise
-    pending.seal(path)
+from tfmerge.folders.fs import PendingFile, atomic_write
+from tfmerge.models import AcceptedModel, Rejection
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -177,55 +126,6 @@ class Store:
                     blob.unlink(missing_ok=True)
                     removed.append(blob.name)
         return removed
-
-
-def write_all(fd: int, data: bytes | memoryview) -> None:
-    """os.write until every byte is written (Linux writes at most about 2 GiB per call)."""
-    view = memoryview(data).cast("B")
-    done = 0
-    while done < len(view):
-        done += os.write(fd, view[done : done + (1 << 30)])
-
-
-@dataclass
-class PendingFile:
-    """A file being written under a temporary name (a hard link to it is the same file)."""
-
-    path: Path
-    fd: int
-
-    @classmethod
-    def start(cls, folder: Path, prefix: str) -> PendingFile:
-        """An empty, world-readable file in folder (created if missing), named prefix…tmp."""
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
-        os.fchmod(fd, 0o644)
-        return cls(Path(tmp), fd)
-
-    def seal(self, target: Path) -> None:
-        """Wait for the bytes on disk, then name the file target; discard it on failure.
-
-        A file of that name already there is replaced.
-        """
-        try:
-            os.fsync(self.fd)
-        except BaseException:
-            self.discard()
-            raise
-        os.close(self.fd)
-        self.fd = -1
-        try:
-            os.replace(self.path, target)
-        except BaseException:
-            self.path.unlink(missing_ok=True)
-            raise
-        fsync_dir(target.parent)
-
-    def discard(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        self.path.unlink(missing_ok=True)
 
 
 def high_water(store: Store) -> int:

@@ -16,6 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from tfmerge.build import tfcore
+from tfmerge.build.probe import check_session_config
+
 
 @dataclass(frozen=True)
 class Mismatch:
@@ -50,11 +53,9 @@ def load_and_run(
 
     Returns the outputs of the signatures that ran and, for the others, why they failed.
     """
-    from tfmerge import tfcore
 
     results: dict[str, dict[str, np.ndarray]] = {}
     failures: dict[str, str] = {}
-    from tfmerge.graphs import check_session_config
 
     graph = tfcore.Graph()
     with tfcore.Session(graph=graph, config=check_session_config()) as session:
@@ -81,7 +82,6 @@ def verify(
     expected: Mapping[str, Mapping[str, np.ndarray]],
 ) -> list[Mismatch]:
     """Every way the SavedModel in export_dir differs from what its sources computed."""
-    from tfmerge import tfcore
 
     try:
         actual, failures = load_and_run(export_dir, feeds)

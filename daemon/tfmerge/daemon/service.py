@@ -21,16 +21,19 @@ from typing import Any
 
 import tenacity
 
-from tfmerge import exitcodes, logs, pipeline, publish, specs
+from tfmerge import exitcodes, logs, specs
 from tfmerge.config import Config, ConfigError
 from tfmerge.config import load as load_config
-from tfmerge.debounce import Change, Debouncer, Flush, StatKey
-from tfmerge.instance import AlreadyRunning, InstanceLock
+from tfmerge.daemon import pipeline
+from tfmerge.daemon.debounce import Change, Debouncer, Flush, StatKey
+from tfmerge.daemon.metrics import Metrics
+from tfmerge.daemon.notify import Notifier
+from tfmerge.daemon.watch import FolderWatcher
+from tfmerge.daemon.worker import BuildAborted, Worker, WorkerError, drain, make_request
+from tfmerge.folders import publish
+from tfmerge.folders.fs import AlreadyRunning, InstanceLock
+from tfmerge.folders.state import Store
 from tfmerge.logs import get_logger
-from tfmerge.metrics import Metrics
-from tfmerge.notify import Notifier
-from tfmerge.watch import FolderWatcher
-from tfmerge.worker import BuildAborted, Worker, WorkerError, drain, make_request
 
 _RETRY_WAIT_MAX_SECONDS = 60.0
 
@@ -294,8 +297,6 @@ class Daemon:
 
     def _held(self) -> bool:
         """After a rollback, the inputs on disk are not rebuilt until they change."""
-        from tfmerge.store import Store
-
         hold = Store(self.config.state_dir).hold()
         if hold is None:
             return False

@@ -8,18 +8,18 @@ rename(2). No TensorFlow here.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tfmerge.store import atomic_write, fsync_dir
+from tfmerge.folders.fs import atomic_write, fsync_dir, fsync_tree, publish_lock
+from tfmerge.folders.state import Store, high_water
+from tfmerge.models import AcceptedModel
 
 STAGING_PREFIX = ".staging-"
 MANIFEST = Path("assets.extra") / "tfmerge.json"
@@ -73,18 +73,6 @@ def remove_stale_staging(serving_dir: Path) -> list[str]:
                 shutil.rmtree(child)
                 removed.append(child.name)
     return removed
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file and folder under root, children before parents."""
-    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
-        for name in filenames:
-            fd = os.open(Path(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
 
 
 def next_version(serving_dir: Path, high_water: int = 0) -> int:
@@ -168,13 +156,38 @@ def move_out(serving_dir: Path, version: int, destination: Path) -> Path:
     return target
 
 
-@contextlib.contextmanager
-def publish_lock(state_dir: Path) -> Iterator[None]:
-    """Serialise publishes of the daemon and of ``tfmerge rollback`` / ``tfmerge build``."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-    fd = os.open(state_dir / "publish.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+def publish_version(
+    serving_dir: Path,
+    store: Store,
+    staging: Path,
+    *,
+    keep_versions: int,
+    models: Sequence[AcceptedModel],
+    new_signatures: Sequence[str],
+    message: str,
+    hold: str | None = None,
+    stage: Callable[[], None] | None = None,
+) -> tuple[int, list[int]]:
+    """The one transaction by which every version is published, built or rolled back.
+
+    Under the publish lock: ``stage`` fills staging if given, staging is synced and renamed
+    to the next version number, the history files, the accepted ``models`` and the rollback
+    ``hold`` are recorded, and old versions are pruned, never the last one reported live.
+    Returns the new version and the pruned ones.
+    """
+    with publish_lock(store.root):
+        if stage is not None:
+            stage()
+        version = next_version(serving_dir, high_water(store))
+        publish(staging, serving_dir, version)
+        store.raise_high_water(version)
+        write_history(
+            serving_dir,
+            HistoryLine(version, new_signatures, message),
+            (m.signature for m in models),
+        )
+        store.record_accepted(models)
+        store.set_hold(hold)
+        live = store.live()
+        pruned = prune(serving_dir, keep_versions, protect=[] if live is None else [live])
+    return version, pruned

@@ -25,10 +25,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from tfmerge import bundle, graphs
-from tfmerge.graphs import LargeConstant, ModelRejected
-from tfmerge.merge import VARIABLES_PREFIX
-from tfmerge.store import PendingFile, Store, write_all
+from tfmerge.build import bundle, reading
+from tfmerge.build.variables import VARIABLES_PREFIX
+from tfmerge.folders.fs import PendingFile, write_all
+from tfmerge.folders.state import Store
+from tfmerge.inputs import open_input
+from tfmerge.models import LargeConstant, ModelRejected
 
 #: An input is its constants' shard when they are at least this share of its bytes, so that a
 #: shard copied rather than linked holds at most as many other bytes as constant ones.
@@ -101,7 +103,7 @@ class Writer:
                 self._copies[path] = self._pool.submit(self._copy_in, path, self._max_bytes)
 
     def _copy_in(self, path: Path, max_bytes: int) -> PendingFile:
-        source = _open_input(path, max_bytes)
+        source = open_input(path, max_bytes)
         try:
             pending = self._store.start_blob()
             try:
@@ -113,14 +115,14 @@ class Writer:
         finally:
             os.close(source)
 
-    def read(self, path: Path, relpath: str, max_bytes: int, *, kept: bool) -> graphs.GraphRead:
+    def read(self, path: Path, relpath: str, max_bytes: int, *, kept: bool) -> reading.GraphRead:
         """Check-ready bytes of an input: its fresh copy in the state folder, or (kept) its blob.
 
         Every read must end in accept or reject.
         """
         if kept:
             pending = None
-            fd = _open_input(path, max_bytes)
+            fd = open_input(path, max_bytes)
         else:
             if path not in self._copies:
                 # Not copied ahead (read out of the prefetch order): copied now.
@@ -141,7 +143,7 @@ class Writer:
             if pending is None:
                 os.close(fd)
         try:
-            read = graphs.open_graph(data, relpath, self._scratch_for(len(data)))
+            read = reading.open_graph(data, relpath, self._scratch_for(len(data)))
         except BaseException:
             if pending is not None:
                 pending.discard()
@@ -156,19 +158,19 @@ class Writer:
         Memory a process touches for the first time costs more than copying into it (page
         faults; on a virtual machine, the host backs the page too).
         """
-        size = graphs.scratch_size(file_size)
+        size = reading.scratch_size(file_size)
         scratch = self._scratch
         if scratch is None or len(scratch) < size or not _unshared(scratch):
-            scratch = self._scratch = graphs.new_buffer(size)
+            scratch = self._scratch = reading.new_buffer(size)
         return memoryview(scratch)
 
-    def reject(self, read: graphs.GraphRead) -> None:
+    def reject(self, read: reading.GraphRead) -> None:
         """Drop a refused input's copy."""
         opened = self._open.pop(id(read), None)
         if opened is not None and opened.pending is not None:
             opened.pending.discard()
 
-    def accept(self, read: graphs.GraphRead, constants: Sequence[LargeConstant]) -> None:
+    def accept(self, read: reading.GraphRead, constants: Sequence[LargeConstant]) -> None:
         """Keep an accepted input and record where its large constants are, once per graph.
 
         An input that its constants fill is their shard, and they stay where they are in it;
@@ -307,19 +309,6 @@ class Writer:
             self._sync.shutdown(wait=True)
         for job in self._syncs:
             job.result()
-
-
-def _open_input(path: Path, max_bytes: int) -> int:
-    """A file descriptor of an input no larger than max_bytes; raises ModelRejected."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ModelRejected("unreadable", f"cannot read: {exc.strerror or exc}") from exc
-    size = os.fstat(fd).st_size
-    if size > max_bytes:
-        os.close(fd)
-        raise ModelRejected("too_large", f"{size} bytes is over max_model_bytes = {max_bytes}")
-    return fd
 
 
 def _copy(source: int, target: int) -> None:

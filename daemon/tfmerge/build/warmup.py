@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+
+from tfmerge.build import tfcore
+from tfmerge.logs import get_logger
 
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 MAX_RECORDS = 1000
@@ -24,13 +26,13 @@ def write(
     model_name: str,
     feeds: Mapping[str, Mapping[str, np.ndarray]],
     aliases: Mapping[str, str],
-    log: Any,
 ) -> int:
     """One Predict request per signature (aliases excluded); returns how many were written."""
+    # After tfcore (imported above): these protobufs import tensorflow's, which then load
+    # alone instead of running the whole public API's __init__.
     from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
-    from tfmerge import tfcore
-
+    log = get_logger()
     signatures = sorted(name for name in feeds if name not in aliases)
     if len(signatures) > MAX_RECORDS:
         log.warning(

@@ -1,0 +1,212 @@
+"""Check one model before it may be merged: read, parse, op policy, import, probe. Worker side.
+
+Every refusal is a ModelRejected with a short code (docs/events.md) and a reason a person
+can act on; ``check_specs`` turns them into ``model_rejected`` events, one loop for every
+caller (a build, ``tfmerge check``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tfmerge import oppolicy
+from tfmerge.build import constants, probe, reading, signatures
+from tfmerge.build.writer import Writer
+from tfmerge.config import Config
+from tfmerge.folders.state import Store
+from tfmerge.logs import get_logger
+from tfmerge.models import AcceptedModel, ModelRejected, ModelSpec, Rejection, TensorSig
+from tfmerge.specs import resolve
+
+
+@dataclass
+class Checked:
+    """A model that passed its checks, with what the merge and the verification need."""
+
+    model: AcceptedModel
+    #: The checked graph, its large constants as placeholders (constants.split_large_constants).
+    graph_def: Any
+    init_nodes: list[str]
+    inputs: dict[str, TensorSig]
+    outputs: dict[str, TensorSig]
+    feeds: dict[str, np.ndarray]
+    expected: dict[str, np.ndarray]
+
+
+def check_model(
+    spec: ModelSpec,
+    path: Path,
+    config: Config,
+    *,
+    kept: bool,
+    writer: Writer | None = None,
+    sha256: str | None = None,
+) -> Checked:
+    """Everything a model must pass before it may be merged; raises ModelRejected.
+
+    With a writer, the input is checked from its copy in the state folder (unless it is a
+    kept copy already), which is kept once it passes, its large constants going into the
+    version being built. With a sha256, the file must have those very bytes (a kept copy).
+    """
+    if writer is None:
+        read = reading.read_graph(path, spec.relpath, config.max_model_bytes)
+    else:
+        read = writer.read(path, spec.relpath, config.max_model_bytes, kept=kept)
+    try:
+        return _check_read(spec, read, config, kept=kept, writer=writer, sha256=sha256)
+    except BaseException:
+        if writer is not None:
+            writer.reject(read)
+        raise
+
+
+def _check_read(
+    spec: ModelSpec,
+    read: reading.GraphRead,
+    config: Config,
+    *,
+    kept: bool,
+    writer: Writer | None,
+    sha256: str | None,
+) -> Checked:
+    if sha256 is not None and read.sha256 != sha256:
+        raise ModelRejected("damaged", "the kept copy in the state folder is damaged")
+    sha256, size = read.sha256, len(read.data)
+    oppolicy.check_ops(read.graph_def, config.allow_ops)
+    light, large = constants.split_large_constants(read.graph_def, read.payloads, read.offsets)
+    # From here on only the light graph and the constants' arrays (views of read.data) remain.
+    read.graph_def = None
+    init_nodes = signatures.initializer_nodes(light)
+    graph = signatures.import_graph(light)
+    inputs, outputs = spec.inputs, spec.outputs
+    if inputs is None or outputs is None:
+        inputs, outputs = signatures.infer_signature(graph, [c.name for c in large])
+        get_logger().info(
+            "model_inferred",
+            signature=spec.signature,
+            file=spec.relpath,
+            inputs=inputs,
+            outputs=outputs,
+        )
+    input_sigs = {key: signatures.tensor_sig(graph, name) for key, name in inputs.items()}
+    output_sigs = {key: signatures.tensor_sig(graph, name) for key, name in outputs.items()}
+    for key, sig in input_sigs.items():
+        if graph.get_tensor_by_name(sig.name).op.type not in signatures.INPUT_OPS:
+            get_logger().debug(
+                "input_not_placeholder", signature=spec.signature, input=key, tensor=sig.name
+            )
+    feeds = probe.probe_inputs(spec.signature, input_sigs, spec.sample)
+    try:
+        expected = probe.run_graph(
+            graph,
+            init_nodes,
+            {input_sigs[k].name: v for k, v in feeds.items()}
+            | {f"{c.name}:0": c.value for c in large},
+            {k: s.name for k, s in output_sigs.items()},
+        )
+    except Exception as exc:  # any kernel error on the probe input, whatever its type
+        raise ModelRejected(
+            "source_failed",
+            f"the source graph fails on the probe input ({type(exc).__name__}: "
+            f"{getattr(exc, 'message', exc)}); add a `sample` to its declaration",
+        ) from exc
+    del graph
+    if writer is not None:
+        writer.accept(read, large)
+    del large
+    model = AcceptedModel(
+        signature=spec.signature,
+        relpath=spec.relpath,
+        sha256=sha256,
+        size=size,
+        inputs=dict(inputs),
+        outputs=dict(outputs),
+        sample=spec.sample,
+        origin=spec.origin,
+        kept=kept,
+        tensors={
+            "inputs": {k: s.as_dict() for k, s in input_sigs.items()},
+            "outputs": {k: s.as_dict() for k, s in output_sigs.items()},
+        },
+    )
+    return Checked(model, light, init_nodes, input_sigs, output_sigs, feeds, expected)
+
+
+def check_specs(
+    specs: Iterable[ModelSpec], config: Config, *, writer: Writer | None = None
+) -> Iterator[Checked | Rejection]:
+    """Check each model from frozen_dir, one at a time: what passed, or its logged refusal."""
+    for spec in specs:
+        try:
+            yield check_model(
+                spec, config.frozen_dir / spec.relpath, config, kept=False, writer=writer
+            )
+        except ModelRejected as exc:
+            rejection = Rejection(exc.code, exc.reason, spec.relpath, spec.signature)
+            get_logger().error("model_rejected", **rejection.as_dict())
+            yield rejection
+        finally:
+            release_memory()
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the kernel between models.
+
+    glibc keeps freed blocks of a large graph in its arenas, so the peak of one model's check
+    would otherwise be carried into the next one and into the merge. (No gc.collect: with
+    TensorFlow loaded a full collection takes about 0.2 s, and refcounting frees the graphs.)
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+def check_kept(signature: str, store: Store, config: Config, writer: Writer) -> Checked | None:
+    """The last accepted input of a signature whose current input was refused, checked again."""
+    log = get_logger()
+    previous = store.accepted().get(signature)
+    if previous is None:
+        return None
+    blob = store.blob_path(previous.sha256, previous.suffix)
+    try:
+        checked = check_model(
+            previous.spec(), blob, config, kept=True, writer=writer, sha256=previous.sha256
+        )
+    except ModelRejected as exc:
+        log.error("model_dropped", signature=signature, file=previous.relpath, reason=exc.reason)
+        return None
+    log.warning("model_kept", signature=signature, file=previous.relpath, sha256=previous.sha256)
+    return checked
+
+
+def check_all(config: Config) -> list[Rejection]:
+    """``tfmerge check``: every check a build makes, without merging or publishing anything."""
+    log = get_logger()
+    resolution = resolve(config)
+    for rejection in resolution.rejections:
+        log.error("model_rejected", **rejection.as_dict())
+    rejections = list(resolution.rejections)
+    accepted = []
+    for item in check_specs(resolution.specs, config):
+        if isinstance(item, Rejection):
+            rejections.append(item)
+            continue
+        accepted.append(item.model.signature)
+        log.info(
+            "model_accepted",
+            signature=item.model.signature,
+            file=item.model.relpath,
+            sha256=item.model.sha256,
+        )
+    (log.warning if rejections else log.info)(
+        "check_finished",
+        accepted=accepted,
+        rejected=[r.as_dict() for r in rejections],
+    )
+    return rejections

@@ -1,0 +1,147 @@
+"""Read one graph file once: into reused memory, hashed while it is parsed. Worker side.
+
+The bytes are hashed on another core while the GraphDef is parsed without its large
+constants (wire.split_payloads), and each large constant's bytes are left in place, or
+copied once to an address TensorFlow can feed without copying them again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tfmerge.build import constants, wire
+from tfmerge.build.parse import parse_graph_def
+from tfmerge.inputs import open_input
+from tfmerge.models import ModelRejected
+
+#: Where a large constant's bytes start in the read buffer: TensorFlow feeds an array this
+#: aligned without copying it (Eigen's widest alignment).
+_FEED_ALIGNMENT = 64
+
+
+@dataclass
+class GraphRead:
+    """A graph file read once: its digest, its bytes and its GraphDef.
+
+    For a binary GraphDef the large constants' bytes are not in graph_def: ``payloads`` maps
+    their node names to views of ``data`` (see split_large_constants), and ``offsets`` to
+    where those bytes start in the file.
+    """
+
+    sha256: str
+    data: memoryview
+    graph_def: Any
+    payloads: dict[str, memoryview] = field(default_factory=dict)
+    offsets: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def payload_bytes(self) -> int:
+        """How many of the file's bytes are large constants' contents."""
+        return sum(len(payload) for payload in self.payloads.values())
+
+
+def new_buffer(size: int) -> mmap.mmap:
+    """Page-aligned anonymous memory to read a graph file into, its pages already mapped.
+
+    Mapping every page in one call (MAP_POPULATE) costs about half of what a page fault per
+    page costs when the file is read into it: the buffer is filled right after.
+    """
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    return mmap.mmap(-1, max(size, 1), flags=flags)
+
+
+def scratch_size(file_size: int) -> int:
+    """What open_graph needs for aligned copies of a file's constants, padding included."""
+    return file_size + file_size // 1024 + 2 * _FEED_ALIGNMENT
+
+
+def buffer_size(file_size: int) -> int:
+    """What read_graph needs for a file: the file and a scratch area for open_graph."""
+    return file_size + scratch_size(file_size)
+
+
+def read_graph(path: Path, relpath: str, max_bytes: int) -> GraphRead:
+    """Read a graph file into one new buffer, then open_graph it, the buffer's rest as scratch."""
+    fd = open_input(path, max_bytes)
+    try:
+        size = os.fstat(fd).st_size
+        buffer = new_buffer(buffer_size(size))
+        view = memoryview(buffer)
+        done = 0
+        while done < size:
+            count = os.readv(fd, [view[done:size]])
+            if not count:
+                break  # the file shrank while it was read: its sha256 says what was read
+            done += count
+    except OSError as exc:
+        raise ModelRejected("unreadable", f"cannot read: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    return open_graph(view[:done], relpath, view[done:])
+
+
+def open_graph(data: memoryview, relpath: str, scratch: memoryview) -> GraphRead:
+    """Hash a graph file's bytes and parse them without copying its constants.
+
+    Every large constant's bytes end up aligned for TensorFlow to feed them without a copy, by
+    one copy each into scratch, of at least scratch_size(len(data)) bytes (cheaper than
+    TensorFlow's own copy into fresh memory, and data stays as it is for the hash).
+    """
+    # Hashed on another core while the graph is parsed: nothing below writes to data.
+    digest = _Digest(data)
+    try:
+        stripped: bytes | memoryview = data
+        found: list[wire.Payload] = []
+        if not relpath.endswith(".pbtxt"):
+            try:
+                stripped, found = wire.split_payloads(data, constants.LARGE_CONSTANT_BYTES)
+            except wire.Unusual:
+                stripped, found = data, []
+        graph_def = parse_graph_def(data, relpath, stripped if found else None)
+        payloads = _aligned(scratch, [(p.node, data[p.start : p.stop]) for p in found])
+    finally:
+        sha256 = digest.join()
+    offsets = {p.node: p.start for p in found}
+    return GraphRead(sha256, data, graph_def, payloads, offsets)
+
+
+def _aligned(
+    scratch: memoryview, payloads: Sequence[tuple[str, memoryview]]
+) -> dict[str, memoryview]:
+    """Each payload, copied into scratch at an aligned address where it is not aligned."""
+    result = {}
+    spare = 0
+    base = np.frombuffer(scratch, np.uint8).ctypes.data if len(scratch) else 0
+    for name, payload in payloads:
+        address = np.frombuffer(payload, np.uint8).ctypes.data if len(payload) else 0
+        if address % _FEED_ALIGNMENT == 0:
+            result[name] = payload
+            continue
+        spare += -(base + spare) % _FEED_ALIGNMENT
+        slot = scratch[spare : spare + len(payload)]
+        slot[:] = payload
+        result[name] = slot
+        spare += len(payload)
+    return result
+
+
+class _Digest:
+    """sha256 of a buffer, computed on another core while the graph is parsed."""
+
+    def __init__(self, data: memoryview) -> None:
+        self._hash = hashlib.sha256()
+        self._thread = threading.Thread(target=self._hash.update, args=(data,), name="sha256")
+        self._thread.start()
+
+    def join(self) -> str:
+        self._thread.join()
+        return self._hash.hexdigest()

@@ -1,0 +1,8 @@
+"""The supervisor: the long-running process. No TensorFlow, ever.
+
+It watches ``frozen_dir`` (``watch``), groups changes into batches (``debounce``), runs each
+build in a worker child process (``worker``) and publishes what the build verified
+(``pipeline``), follows a published version until TensorFlow Serving reports it live
+(``live``, ``tfserving``), and speaks to systemd (``notify``) and Prometheus (``metrics``).
+``service`` is the daemon's loop that ties them together.
+"""

@@ -1,0 +1,155 @@
+"""What tfmerge knows about models, as plain data: no TensorFlow, no I/O.
+
+These types cross the worker's process boundary (a build's result is unpickled in the
+supervisor) and are shared by both sides, so they live apart from ``tfmerge.build``:
+importing them never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import numpy as np
+
+#: TensorFlow's DataType enum values and their names (``tf.as_dtype(n).name``).
+DTYPE_NAMES: Mapping[int, str] = {
+    1: "float32", 2: "float64", 3: "int32", 4: "uint8", 5: "int16", 6: "int8",
+    7: "string", 8: "complex64", 9: "int64", 10: "bool", 11: "qint8", 12: "quint8",
+    13: "qint32", 14: "bfloat16", 15: "qint16", 16: "quint16", 17: "uint16",
+    18: "complex128", 19: "float16", 20: "resource", 21: "variant", 22: "uint32",
+    23: "uint64", 24: "float8_e5m2", 25: "float8_e4m3fn", 26: "float8_e4m3fnuz",
+    27: "float8_e4m3b11fnuz", 28: "float8_e5m2fnuz", 29: "int4", 30: "uint4",
+    31: "int2", 32: "uint2", 33: "float4_e2m1fn",
+}  # fmt: skip
+
+#: Where a declaration came from: the config file, a sidecar, or discovery.
+Origin = str
+#: What a build produced. "built": staging holds a verified version; "unchanged": equal to
+#: the newest version; "empty": no model was accepted; "failed": verification failed.
+BuildOutcome = Literal["built", "unchanged", "empty", "failed"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One signature to serve, with its graph file resolved inside ``frozen_dir``."""
+
+    signature: str
+    relpath: str
+    inputs: Mapping[str, str] | None  # None: infer from the graph's placeholders
+    outputs: Mapping[str, str] | None  # None: infer from the graph's sink tensors
+    sample: Mapping[str, Any] | None = None
+    origin: Origin = "config"
+
+    @property
+    def discovered(self) -> bool:
+        return self.inputs is None
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """An input refused before or during a build: always a file and a reason."""
+
+    code: str
+    reason: str
+    file: str | None = None
+    signature: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+class ModelRejected(Exception):
+    """A model refused by a check: a short code (docs/events.md) and a reason to act on."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class TensorSig:
+    """A tensor as a SignatureDef describes it."""
+
+    name: str
+    dtype: int  # a DataType enum value
+    shape: tuple[int, ...] | None  # None: unknown rank; -1: unknown dimension
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dtype": DTYPE_NAMES.get(self.dtype, f"dtype_{self.dtype}"),
+            "shape": self.shape,
+        }
+
+
+@dataclass(frozen=True)
+class LargeConstant:
+    """A large Const set aside from its graph: what the check feeds and the merge stores."""
+
+    name: str
+    dtype: int  # a DataType enum value
+    shape: tuple[int, ...]
+    value: np.ndarray
+    #: Where the value's bytes are in the graph file, when they are there as they are.
+    offset: int | None = None
+
+
+@dataclass(frozen=True)
+class AcceptedModel:
+    """A model that passed every check, with the exact input it was built from."""
+
+    signature: str
+    relpath: str
+    sha256: str
+    size: int
+    inputs: Mapping[str, str]
+    outputs: Mapping[str, str]
+    sample: Mapping[str, Any] | None = None
+    origin: Origin = "config"
+    #: True when the current file was refused and this is its last good input.
+    kept: bool = False
+    #: Input and output types as the signature declares them, for `tfmerge status`.
+    tensors: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def suffix(self) -> str:
+        return ".pbtxt" if self.relpath.endswith(".pbtxt") else ".pb"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AcceptedModel:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+    def spec(self) -> ModelSpec:
+        """The declaration this model was checked under, to check its kept copy again."""
+        return ModelSpec(
+            signature=self.signature,
+            relpath=self.relpath,
+            inputs=self.inputs,
+            outputs=self.outputs,
+            sample=self.sample,
+            origin=self.origin,
+        )
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What a build did, in plain data: it crosses the worker's process boundary."""
+
+    build_id: str
+    outcome: BuildOutcome
+    staging: str | None
+    fingerprint: str | None
+    models: tuple[AcceptedModel, ...] = ()
+    rejections: tuple[Rejection, ...] = ()
+    mismatches: tuple[tuple[str, str], ...] = ()
+    timings: Mapping[str, float] = field(default_factory=dict)
+    stats: Mapping[str, Any] = field(default_factory=dict)
+    #: Fingerprint of the files as read (specs.raw_fingerprint), for the next start-up check.
+    raw_fingerprint: str | None = None

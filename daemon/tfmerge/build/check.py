@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,11 +18,19 @@ import numpy as np
 
 from tfmerge import oppolicy
 from tfmerge.build import constants, probe, reading, signatures
+from tfmerge.build.verdicts import Verdict, Verdicts
 from tfmerge.build.writer import Writer
 from tfmerge.config import Config
 from tfmerge.folders.state import Store
 from tfmerge.logs import get_logger
-from tfmerge.models import AcceptedModel, ModelRejected, ModelSpec, Rejection, TensorSig
+from tfmerge.models import (
+    AcceptedModel,
+    LargeConstant,
+    ModelRejected,
+    ModelSpec,
+    Rejection,
+    TensorSig,
+)
 from tfmerge.specs import resolve
 
 
@@ -48,19 +56,23 @@ def check_model(
     kept: bool,
     writer: Writer | None = None,
     sha256: str | None = None,
+    verdicts: Verdicts | None = None,
 ) -> Checked:
     """Everything a model must pass before it may be merged; raises ModelRejected.
 
     With a writer, the input is checked from its copy in the state folder (unless it is a
     kept copy already), which is kept once it passes, its large constants going into the
     version being built. With a sha256, the file must have those very bytes (a kept copy).
+    With verdicts, a check of these very bytes under this declaration is reused (verdicts.py).
     """
     if writer is None:
         read = reading.read_graph(path, spec.relpath, config.max_model_bytes)
     else:
         read = writer.read(path, spec.relpath, config.max_model_bytes, kept=kept)
     try:
-        return _check_read(spec, read, config, kept=kept, writer=writer, sha256=sha256)
+        return _check_read(
+            spec, read, config, kept=kept, writer=writer, sha256=sha256, verdicts=verdicts
+        )
     except BaseException:
         if writer is not None:
             writer.reject(read)
@@ -75,30 +87,66 @@ def _check_read(
     kept: bool,
     writer: Writer | None,
     sha256: str | None,
+    verdicts: Verdicts | None,
 ) -> Checked:
     if sha256 is not None and read.sha256 != sha256:
         raise ModelRejected("damaged", "the kept copy in the state folder is damaged")
     sha256, size = read.sha256, len(read.data)
-    oppolicy.check_ops(read.graph_def, config.allow_ops)
+    verdict = verdicts.get(spec, sha256) if verdicts is not None else None
+    if verdict is None:
+        oppolicy.check_ops(read.graph_def, config.allow_ops)
     light, large = constants.split_large_constants(read.graph_def, read.payloads, read.offsets)
     # From here on only the light graph and the constants' arrays (views of read.data) remain.
     read.graph_def = None
     init_nodes = signatures.initializer_nodes(light)
+    if verdict is None:
+        verdict = _probe(spec, light, large, init_nodes)
+        if verdicts is not None:
+            verdicts.put(spec, sha256, verdict)
+    elif spec.inputs is None or spec.outputs is None:
+        _log_inferred(spec, verdict.inputs, verdict.outputs)
+    if writer is not None:
+        writer.accept(read, large)
+    del large
+    model = AcceptedModel(
+        signature=spec.signature,
+        relpath=spec.relpath,
+        sha256=sha256,
+        size=size,
+        inputs=dict(verdict.inputs),
+        outputs=dict(verdict.outputs),
+        sample=spec.sample,
+        origin=spec.origin,
+        kept=kept,
+        tensors={
+            "inputs": {k: s.as_dict() for k, s in verdict.input_sigs.items()},
+            "outputs": {k: s.as_dict() for k, s in verdict.output_sigs.items()},
+        },
+    )
+    return Checked(
+        model,
+        light,
+        init_nodes,
+        verdict.input_sigs,
+        verdict.output_sigs,
+        verdict.feeds,
+        verdict.expected,
+    )
+
+
+def _probe(
+    spec: ModelSpec, light: Any, large: Sequence[LargeConstant], init_nodes: Sequence[str]
+) -> Verdict:
+    """Import the graph, read its signature's tensors and run it on the probe input."""
     graph = signatures.import_graph(light)
     inputs, outputs = spec.inputs, spec.outputs
     if inputs is None or outputs is None:
         inputs, outputs = signatures.infer_signature(graph, [c.name for c in large])
-        get_logger().info(
-            "model_inferred",
-            signature=spec.signature,
-            file=spec.relpath,
-            inputs=inputs,
-            outputs=outputs,
-        )
+        _log_inferred(spec, inputs, outputs)
     input_sigs = {key: signatures.tensor_sig(graph, name) for key, name in inputs.items()}
     output_sigs = {key: signatures.tensor_sig(graph, name) for key, name in outputs.items()}
     for key, sig in input_sigs.items():
-        if graph.get_tensor_by_name(sig.name).op.type not in signatures.INPUT_OPS:
+        if signatures.op_type(graph, sig.name) not in signatures.INPUT_OPS:
             get_logger().debug(
                 "input_not_placeholder", signature=spec.signature, input=key, tensor=sig.name
             )
@@ -117,36 +165,36 @@ def _check_read(
             f"the source graph fails on the probe input ({type(exc).__name__}: "
             f"{getattr(exc, 'message', exc)}); add a `sample` to its declaration",
         ) from exc
-    del graph
-    if writer is not None:
-        writer.accept(read, large)
-    del large
-    model = AcceptedModel(
+    return Verdict(dict(inputs), dict(outputs), input_sigs, output_sigs, feeds, expected)
+
+
+def _log_inferred(spec: ModelSpec, inputs: Mapping[str, str], outputs: Mapping[str, str]) -> None:
+    get_logger().info(
+        "model_inferred",
         signature=spec.signature,
-        relpath=spec.relpath,
-        sha256=sha256,
-        size=size,
+        file=spec.relpath,
         inputs=dict(inputs),
         outputs=dict(outputs),
-        sample=spec.sample,
-        origin=spec.origin,
-        kept=kept,
-        tensors={
-            "inputs": {k: s.as_dict() for k, s in input_sigs.items()},
-            "outputs": {k: s.as_dict() for k, s in output_sigs.items()},
-        },
     )
-    return Checked(model, light, init_nodes, input_sigs, output_sigs, feeds, expected)
 
 
 def check_specs(
-    specs: Iterable[ModelSpec], config: Config, *, writer: Writer | None = None
+    specs: Iterable[ModelSpec],
+    config: Config,
+    *,
+    writer: Writer | None = None,
+    verdicts: Verdicts | None = None,
 ) -> Iterator[Checked | Rejection]:
     """Check each model from frozen_dir, one at a time: what passed, or its logged refusal."""
     for spec in specs:
         try:
             yield check_model(
-                spec, config.frozen_dir / spec.relpath, config, kept=False, writer=writer
+                spec,
+                config.frozen_dir / spec.relpath,
+                config,
+                kept=False,
+                writer=writer,
+                verdicts=verdicts,
             )
         except ModelRejected as exc:
             rejection = Rejection(exc.code, exc.reason, spec.relpath, spec.signature)
@@ -167,7 +215,13 @@ def release_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
-def check_kept(signature: str, store: Store, config: Config, writer: Writer) -> Checked | None:
+def check_kept(
+    signature: str,
+    store: Store,
+    config: Config,
+    writer: Writer,
+    verdicts: Verdicts | None = None,
+) -> Checked | None:
     """The last accepted input of a signature whose current input was refused, checked again."""
     log = get_logger()
     previous = store.accepted().get(signature)
@@ -176,7 +230,13 @@ def check_kept(signature: str, store: Store, config: Config, writer: Writer) -> 
     blob = store.blob_path(previous.sha256, previous.suffix)
     try:
         checked = check_model(
-            previous.spec(), blob, config, kept=True, writer=writer, sha256=previous.sha256
+            previous.spec(),
+            blob,
+            config,
+            kept=True,
+            writer=writer,
+            sha256=previous.sha256,
+            verdicts=verdicts,
         )
     except ModelRejected as exc:
         log.error("model_dropped", signature=signature, file=previous.relpath, reason=exc.reason)

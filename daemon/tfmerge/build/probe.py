@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from tfmerge.build import tfcore
+from tfmerge.build import capi, tfcore
 from tfmerge.models import ModelRejected, TensorSig
 
 
@@ -72,14 +72,19 @@ def check_session_config() -> Any:
 
 
 def run_graph(
-    graph: Any,
+    graph: capi.Graph,
     init_nodes: Sequence[str],
     feeds: Mapping[str, np.ndarray],
     fetches: Mapping[str, str],
 ) -> dict[str, np.ndarray]:
-    """Run a source graph the way the merged model runs it: initializers first, then one call."""
-    with tfcore.Session(graph=graph, config=check_session_config()) as session:
+    """Run a source graph the way the merged model runs it: initializers first, then one call.
+
+    The feeds are handed to TensorFlow without a copy: the session ends before this returns,
+    and with it anything in the graph that could hold on to them.
+    """
+    keys = list(fetches)
+    with capi.Session(graph, check_session_config().SerializeToString()) as session:
         if init_nodes:
-            session.run([graph.get_operation_by_name(n) for n in init_nodes])
-        result: dict[str, np.ndarray] = session.run(dict(fetches), feed_dict=dict(feeds))
-    return result
+            session.run({}, [], init_nodes)
+        values = session.run(feeds, [fetches[k] for k in keys], aliased=feeds.keys())
+    return dict(zip(keys, values, strict=True))

@@ -17,6 +17,7 @@ from typing import Any
 from tfmerge import __version__
 from tfmerge.build import merge, tfcore, verify, warmup
 from tfmerge.build.check import Checked, check_kept, check_specs, release_memory
+from tfmerge.build.verdicts import Verdicts
 from tfmerge.build.writer import Writer
 from tfmerge.config import Config
 from tfmerge.folders.publish import MANIFEST
@@ -72,7 +73,8 @@ def _run_build(
 ) -> BuildResult:
     log = get_logger()
     started = time.monotonic()
-    checked, rejections = _check_inputs(config, resolution, writer)
+    verdicts = Verdicts(Store(config.state_dir).verdicts, config)
+    checked, rejections = _check_inputs(config, resolution, writer, verdicts)
     writer.finish()
     checked.sort(key=lambda c: c.model.signature)
     if raw_fingerprint is None:
@@ -146,6 +148,8 @@ def _run_build(
         "data_shards": writer.shards,
         "inputs_linked": writer.shards_linked,
         "inputs_copied": writer.shards_copied,
+        # Checks whose verdict an earlier build had found for the same bytes and declaration.
+        "checks_reused": verdicts.reused,
     }
     _write_manifest(staging, build_id, digest, raw_fingerprint, models, timings, stats_record)
     return BuildResult(
@@ -163,7 +167,7 @@ def _run_build(
 
 
 def _check_inputs(
-    config: Config, resolution: Resolution, writer: Writer
+    config: Config, resolution: Resolution, writer: Writer, verdicts: Verdicts
 ) -> tuple[list[Checked], list[Rejection]]:
     """Every model checked, and for each one refused, its last accepted input in its place."""
     store = Store(config.state_dir)
@@ -178,7 +182,7 @@ def _check_inputs(
         for name, model in store.accepted().items()
         if model.relpath in resolution.refused_files and name not in current
     )
-    for item in check_specs(resolution.specs, config, writer=writer):
+    for item in check_specs(resolution.specs, config, writer=writer, verdicts=verdicts):
         if isinstance(item, Checked):
             checked.append(item)
             continue
@@ -186,7 +190,7 @@ def _check_inputs(
         if item.signature is not None:
             fallbacks.add(item.signature)
     for signature in sorted(fallbacks):
-        kept = check_kept(signature, store, config, writer)
+        kept = check_kept(signature, store, config, writer, verdicts)
         if kept is not None:
             checked.append(kept)
     return checked, rejections

@@ -1,7 +1,9 @@
 """Import a checked graph into TensorFlow and read its interface. Worker side.
 
 The tensors' types and shapes for the SignatureDef, the inputs and outputs of a discovered
-model (its placeholders, and the tensors nothing consumes), and its table initializers.
+model (its placeholders, and the tensors nothing consumes), and its table initializers. The
+graph is a C API graph (capi.Graph): TensorFlow's own importer and shape inference, without a
+Python object per node.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tfmerge.build import tfcore
+from tfmerge.build import capi
 from tfmerge.models import ModelRejected, TensorSig
 
 #: Ops that fill a lookup table. A frozen graph keeps them, but nothing runs them unless the
@@ -29,6 +31,9 @@ INITIALIZER_OPS = frozenset(
 _NOT_OUTPUTS = frozenset({"NoOp", "Const", "Placeholder", "Assert", "Print", "PrintV2"})
 
 
+#: DataType enum values of handles (resource, variant): no client can be sent one.
+_HANDLE_TYPES = frozenset({20, 21})
+
 #: Ops a signature input normally is; feeding any other tensor overrides what computes it.
 INPUT_OPS = frozenset({"Placeholder", "PlaceholderWithDefault"})
 
@@ -37,27 +42,34 @@ def initializer_nodes(graph_def: Any) -> list[str]:
     return [node.name for node in graph_def.node if node.op in INITIALIZER_OPS]
 
 
-def import_graph(graph_def: Any) -> Any:
-    """Import into a fresh tfcore.Graph; refuses unknown ops and dangling references."""
-    graph = tfcore.Graph()
+def import_graph(graph_def: Any) -> capi.Graph:
+    """Import into a fresh graph; refuses unknown ops and dangling references."""
+    graph = capi.Graph()
     try:
-        with graph.as_default():
-            tfcore.import_graph_def(graph_def, name="")
-    except (ValueError, TypeError, tfcore.OpError) as exc:
-        raise ModelRejected("invalid_graph", f"TensorFlow cannot import the graph: {exc}") from exc
+        graph.import_graph_def(graph_def.SerializeToString())
+    except capi.TFError as exc:
+        graph.close()
+        reason = f"TensorFlow cannot import the graph: {exc.message}"
+        raise ModelRejected("invalid_graph", reason) from exc
     return graph
 
 
-def tensor_sig(graph: Any, name: str) -> TensorSig:
+def tensor_sig(graph: capi.Graph, name: str) -> TensorSig:
+    """A tensor's type and shape, by its full name (``op:index``; a bare op name is not one)."""
+    op, _, index = name.rpartition(":")
+    missing = ModelRejected("missing_tensor", f"the graph has no tensor {name!r}")
+    if not op or not index.isdigit():
+        raise missing
     try:
-        tensor = graph.get_tensor_by_name(name)
-    except (KeyError, ValueError) as exc:
-        raise ModelRejected("missing_tensor", f"the graph has no tensor {name!r}") from exc
-    shape = tensor.shape
-    dims = (
-        None if shape.rank is None else tuple(-1 if d is None else int(d) for d in shape.as_list())
-    )
-    return TensorSig(name=name, dtype=tensor.dtype.as_datatype_enum, shape=dims)
+        dtype, shape = graph.dtype(name), graph.shape(name)
+    except KeyError as exc:
+        raise missing from exc
+    return TensorSig(name=name, dtype=dtype, shape=shape)
+
+
+def op_type(graph: capi.Graph, name: str) -> str:
+    """The type of the op that produces a tensor (one tensor_sig found)."""
+    return graph.operation_type(name)
 
 
 def _short_keys(names: Sequence[str]) -> dict[str, str]:
@@ -73,28 +85,28 @@ def _short_keys(names: Sequence[str]) -> dict[str, str]:
 
 
 def infer_signature(
-    graph: Any, constants: Sequence[str] = ()
+    graph: capi.Graph, constants: Sequence[str] = ()
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Inputs from the placeholders, outputs from the ops nothing consumes.
 
     ``constants`` names the placeholders that stand for large constants (never inputs).
     """
     stand_ins = set(constants)
+    operations = list(graph.operations())
     placeholders = [
-        op for op in graph.get_operations() if op.type == "Placeholder" and op.name not in stand_ins
+        op for op in operations if op.type == "Placeholder" and op.name not in stand_ins
     ]
     consumed: set[str] = set()
-    for op in graph.get_operations():
-        consumed.update(t.op.name for t in op.inputs)
-        consumed.update(c.name for c in op.control_inputs)
+    for op in operations:
+        consumed.update(op.inputs)
     sinks = [
         op
-        for op in graph.get_operations()
+        for op in operations
         if op.name not in consumed
-        and op.outputs
+        and op.output_types
         and op.type not in _NOT_OUTPUTS
         and op.type not in INITIALIZER_OPS
-        and all(t.dtype not in (_resource_dtype(), _variant_dtype()) for t in op.outputs)
+        and not _HANDLE_TYPES.intersection(op.output_types)
     ]
     if not placeholders:
         raise ModelRejected("no_inputs", "the graph has no Placeholder: declare its inputs")
@@ -102,14 +114,6 @@ def infer_signature(
         raise ModelRejected(
             "no_outputs", "no op produces an unconsumed tensor: declare its outputs"
         )
-    inputs = _short_keys([op.outputs[0].name for op in placeholders])
-    outputs = _short_keys([t.name for op in sinks for t in op.outputs])
+    inputs = _short_keys([f"{op.name}:0" for op in placeholders])
+    outputs = _short_keys([f"{op.name}:{i}" for op in sinks for i in range(len(op.output_types))])
     return inputs, outputs
-
-
-def _resource_dtype() -> Any:
-    return tfcore.dtypes.resource
-
-
-def _variant_dtype() -> Any:
-    return tfcore.dtypes.variant

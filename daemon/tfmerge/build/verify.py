@@ -1,22 +1,27 @@
 """Load a merged SavedModel the way TensorFlow Serving does and compare it with its sources.
 
-Worker side. The loader is the SavedModel loader in a session with tag ``serve`` (it runs the
-init op, as the server does), and every signature is looked up by name and run on the probe
-input its source graph already answered. Outputs must be identical: same dtype, same shape,
-same bytes (NaN equal to NaN). Identical kernels on identical inputs give identical results,
-so no tolerance is applied.
+Worker side. The loader is TensorFlow's C++ SavedModel loader, the one TensorFlow Serving runs
+(capi.load_saved_model): it restores the variables and runs the init op. Every signature is
+looked up by name in the MetaGraphDef it returns and run on the probe input its source graph
+already answered. Outputs must be identical: same dtype, same shape, same bytes (NaN equal to
+NaN). Identical kernels on identical inputs give identical results, so no tolerance is applied.
+
+The signatures run in as few session calls as can be shared safely (plan_calls). Each distinct
+set of feeds and fetches makes TensorFlow prune a copy of the whole graph and build an executor
+for it, so one call per signature would cost the number of signatures times the size of the
+graph: quadratic in the number of models.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tfmerge.build import tfcore
+from tfmerge.build import capi
 from tfmerge.build.probe import check_session_config
 
 
@@ -24,6 +29,15 @@ from tfmerge.build.probe import check_session_config
 class Mismatch:
     signature: str
     reason: str
+
+
+@dataclass
+class _Call:
+    """One signature's run: its output keys -> tensors, and its feeds by tensor name."""
+
+    signature: str
+    fetches: dict[str, str]
+    feeds: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def outputs_equal(expected: np.ndarray, actual: np.ndarray) -> str | None:
@@ -46,33 +60,105 @@ def outputs_equal(expected: np.ndarray, actual: np.ndarray) -> str | None:
     return None
 
 
+def scope_of(tensor: str) -> str:
+    """A merged graph's tensors are named ``scope/...``, one scope per source graph."""
+    return tensor.split("/", 1)[0]
+
+
+def _feeds_key(feeds: Mapping[str, np.ndarray]) -> tuple[Any, ...]:
+    """What a call feeds: tensor names, dtypes, shapes and values."""
+    items = []
+    for name in sorted(feeds):
+        value = np.asarray(feeds[name])
+        data = repr(value.tolist()).encode() if value.dtype == object else value.tobytes()
+        items.append((name, value.dtype.str, value.shape, data))
+    return tuple(items)
+
+
+def plan_calls(calls: Sequence[_Call]) -> list[list[_Call]]:
+    """The signatures split into groups that may share one session call.
+
+    A fed tensor is fed for the whole call, so signatures share a call only when no tensor one
+    of them feeds can change what another computes. Each source graph lives in its own scope
+    and never reads another scope's tensors, so signatures of different scopes always share;
+    signatures of the same scope (several served from one graph, or an alias such as
+    ``serving_default``) share only when they feed the same tensors the same values. Each
+    other feed set of a scope goes to the next group. A signature whose tensors span scopes
+    (never made by the merge) runs alone.
+    """
+    layers: list[list[_Call]] = []
+    seen: dict[str, dict[tuple[Any, ...], int]] = {}
+    alone: list[list[_Call]] = []
+    for call in calls:
+        scopes = {scope_of(t) for t in [*call.feeds, *call.fetches.values()]}
+        if len(scopes) != 1:
+            alone.append([call])
+            continue
+        known = seen.setdefault(scopes.pop(), {})
+        layer = known.setdefault(_feeds_key(call.feeds), len(known))
+        while len(layers) <= layer:
+            layers.append([])
+        layers[layer].append(call)
+    return layers + alone
+
+
+def _run_group(session: capi.Session, group: Sequence[_Call]) -> dict[str, dict[str, np.ndarray]]:
+    """One session call for the group: the feeds merged (equal where shared), fetches once."""
+    feeds: dict[str, np.ndarray] = {}
+    tensors: list[str] = []
+    position: dict[str, int] = {}
+    for call in group:
+        feeds.update(call.feeds)
+        for tensor in call.fetches.values():
+            if tensor not in position:
+                position[tensor] = len(tensors)
+                tensors.append(tensor)
+    values = session.run(feeds, tensors)
+    return {
+        call.signature: {key: values[position[t]] for key, t in call.fetches.items()}
+        for call in group
+    }
+
+
 def load_and_run(
     export_dir: Path, feeds: Mapping[str, Mapping[str, np.ndarray]]
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
     """Load export_dir and run each named signature on its feeds (keyed by input key).
 
     Returns the outputs of the signatures that ran and, for the others, why they failed.
+    A group whose call fails is run again one signature at a time, so that each failure is
+    the failing signature's own.
     """
-
     results: dict[str, dict[str, np.ndarray]] = {}
     failures: dict[str, str] = {}
-
-    graph = tfcore.Graph()
-    with tfcore.Session(graph=graph, config=check_session_config()) as session:
-        meta = tfcore.load_saved_model(session, ["serve"], str(export_dir))
+    model = capi.load_saved_model(
+        str(export_dir), ["serve"], check_session_config().SerializeToString()
+    )
+    try:
+        calls = []
         for name, values in sorted(feeds.items()):
-            signature = meta.signature_def.get(name)
+            signature = model.signature_def.get(name)
             if signature is None:
                 failures[name] = "signature missing from the SavedModel"
                 continue
+            missing = sorted(set(values) - set(signature.inputs))
+            if missing:
+                failures[name] = f"the SavedModel's signature has no input {missing}"
+                continue
             fetches = {key: info.name for key, info in signature.outputs.items()}
-            feed_dict: dict[Any, np.ndarray] = {
-                signature.inputs[key].name: value for key, value in values.items()
-            }
+            call = _Call(name, fetches, {signature.inputs[k].name: v for k, v in values.items()})
+            calls.append(call)
+        for group in plan_calls(calls):
             try:
-                results[name] = session.run(fetches, feed_dict=feed_dict)
-            except tfcore.OpError as exc:
-                failures[name] = f"{type(exc).__name__}: {exc.message}"
+                results.update(_run_group(model.session, group))
+            except (capi.TFError, KeyError):
+                for call in group:
+                    try:
+                        results.update(_run_group(model.session, [call]))
+                    except (capi.TFError, KeyError) as exc:
+                        failures[call.signature] = f"{type(exc).__name__}: {exc}"
+    finally:
+        model.close()
     return results, failures
 
 
@@ -85,7 +171,7 @@ def verify(
 
     try:
         actual, failures = load_and_run(export_dir, feeds)
-    except (tfcore.OpError, ValueError, RuntimeError, OSError) as exc:
+    except (capi.TFError, ValueError, OSError) as exc:
         return [Mismatch("*", f"the SavedModel does not load: {exc}")]
     mismatches = [Mismatch(name, f"fails to run: {why}") for name, why in failures.items()]
     for name, outputs in sorted(actual.items()):

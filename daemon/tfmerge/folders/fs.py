@@ -158,6 +158,25 @@ def atomic_write(path: Path, data: bytes | memoryview) -> None:
     pending.seal(path)
 
 
+def write_replace(path: Path, data: bytes | memoryview) -> None:
+    """Replace path with data so a reader sees the old bytes or the new ones, never a mix.
+
+    Not synced: for caches whose entries carry their own checksum, where an entry a power loss
+    left empty or partly written is only a miss. The folder is created if missing.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        try:
+            write_all(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def fsync_tree(root: Path) -> None:
     """fsync every file and folder under root, children before parents."""
     for dirpath, _dirnames, filenames in os.walk(root, topdown=False):

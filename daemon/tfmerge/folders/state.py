@@ -4,6 +4,7 @@ Layout (all written atomically: temporary file, fsync, rename, fsync of the fold
 
     state_dir/blobs/<sha256><.pb|.pbtxt>   exact bytes of every checked input (content-addressed;
                                            hard-linked into versions as their variables' data)
+    state_dir/verdicts/<sha256>.<key>.json what the check of an input found (build/verdicts.py)
     state_dir/accepted.json                signature -> AcceptedModel, as last published
     state_dir/rejected.json                the inputs refused by the last build
     state_dir/last_build.json              fingerprint of what the last build saw on disk
@@ -51,6 +52,7 @@ class Store:
     def __init__(self, state_dir: Path) -> None:
         self.root = state_dir
         self.blobs = state_dir / "blobs"
+        self.verdicts = state_dir / "verdicts"
 
     def blob_path(self, sha256: str, suffix: str) -> Path:
         return self.blobs / f"{sha256}{suffix}"
@@ -117,14 +119,18 @@ class Store:
             write_json(path, {"raw_fingerprint": raw_fingerprint})
 
     def collect_garbage(self, keep_sha256: Iterable[str]) -> list[str]:
-        """Remove blobs no accepted model or retained version needs; returns their names."""
+        """Remove the blobs no accepted model or retained version needs, and the verdicts of
+        their inputs; returns the blobs' names."""
         keep = set(keep_sha256)
         removed = []
-        if self.blobs.is_dir():
-            for blob in sorted(self.blobs.iterdir()):
-                if blob.name.split(".", 1)[0] not in keep:
-                    blob.unlink(missing_ok=True)
-                    removed.append(blob.name)
+        for folder in (self.blobs, self.verdicts):
+            if not folder.is_dir():
+                continue
+            for entry in sorted(folder.iterdir()):
+                if entry.name.split(".", 1)[0] not in keep:
+                    entry.unlink(missing_ok=True)
+                    if folder == self.blobs:
+                        removed.append(entry.name)
         return removed
 
 

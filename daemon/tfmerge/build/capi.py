@@ -1,0 +1,532 @@
+"""TensorFlow's C API through ctypes: graphs, sessions and the C++ SavedModel loader. Worker side.
+
+Why not the Python ``tf.Graph`` and ``Session``: importing a graph there creates a Python
+object for every node, and the Python SavedModel loader parses ``saved_model.pb`` twice and
+imports its graph node by node in Python. For a few hundred small models those costs are most
+of a build. The C API does the same work in C++: ``TF_GraphImportGraphDef`` is the importer
+``import_graph_def`` calls, ``TF_SessionRun`` the run ``Session.run`` calls, and
+``TF_LoadSessionFromSavedModel`` the C++ loader TensorFlow Serving runs. The library is the
+one TensorFlow's Python package has already loaded (``libtensorflow_cc.so.2``), so the kernels
+and their results are the same.
+
+Feeds are numpy arrays: aligned ones are handed to TensorFlow without a copy (a large
+constant's bytes, fed to its source graph), others are copied once. Fetched values are copied
+into new numpy arrays; strings are object arrays of bytes, as ``Session.run`` returns them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import os
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tfmerge.build import tfcore
+
+_P = ctypes.c_void_p
+_INT = ctypes.c_int
+_SIZE = ctypes.c_size_t
+_INT64 = ctypes.c_int64
+TF_STRING = 7
+#: sizeof(TF_TString): a 24-byte union (inline, heap, offset or view).
+_TSTRING_BYTES = 24
+#: TensorFlow aliases a fed buffer aligned to this (EIGEN_MAX_ALIGN_BYTES) instead of copying it.
+_ALIGNMENT = 64
+#: TF_Code values, in order.
+_CODES = (
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+    "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+    "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+    "UNAUTHENTICATED",
+)  # fmt: skip
+
+
+class TFError(Exception):
+    """A failed C API call: its TF_Code and message. Raised as the subclass of its code,
+    named as TensorFlow's Python errors are (``InvalidArgumentError``)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(message)
+
+    @classmethod
+    def of(cls, code: int, message: str) -> TFError:
+        return _ERRORS.get(code, cls)(code, message)
+
+
+_ERRORS: dict[int, type[TFError]] = {
+    code: type("".join(p.title() for p in name.split("_")) + "Error", (TFError,), {})
+    for code, name in enumerate(_CODES)
+}
+
+
+class _Output(ctypes.Structure):
+    _fields_ = [("oper", _P), ("index", _INT)]
+
+
+class _Buffer(ctypes.Structure):
+    _fields_ = [("data", _P), ("length", _SIZE), ("data_deallocator", _P)]
+
+
+_DEALLOCATOR = ctypes.CFUNCTYPE(None, _P, _SIZE, _P)
+
+
+def _leave_to_numpy(data: Any, length: Any, arg: Any) -> None:
+    """Fed arrays stay owned by numpy: the caller keeps them alive past the run."""
+
+
+_KEEP = _DEALLOCATOR(_leave_to_numpy)
+
+
+_BUF = ctypes.POINTER(_Buffer)
+_OUT = ctypes.POINTER(_Output)
+_PP = ctypes.POINTER(_P)
+_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
+    "TF_NewStatus": (_P, []),
+    "TF_DeleteStatus": (None, [_P]),
+    "TF_GetCode": (_INT, [_P]),
+    "TF_Message": (ctypes.c_char_p, [_P]),
+    "TF_NewGraph": (_P, []),
+    "TF_DeleteGraph": (None, [_P]),
+    "TF_NewImportGraphDefOptions": (_P, []),
+    "TF_DeleteImportGraphDefOptions": (None, [_P]),
+    "TF_GraphImportGraphDef": (None, [_P, _BUF, _P, _P]),
+    "TF_GraphOperationByName": (_P, [_P, ctypes.c_char_p]),
+    "TF_GraphNextOperation": (_P, [_P, ctypes.POINTER(_SIZE)]),
+    "TF_GraphGetTensorNumDims": (_INT, [_P, _Output, _P]),
+    "TF_GraphGetTensorShape": (None, [_P, _Output, ctypes.POINTER(_INT64), _INT, _P]),
+    "TF_OperationName": (ctypes.c_char_p, [_P]),
+    "TF_OperationOpType": (ctypes.c_char_p, [_P]),
+    "TF_OperationNumOutputs": (_INT, [_P]),
+    "TF_OperationOutputType": (_INT, [_Output]),
+    "TF_OperationNumInputs": (_INT, [_P]),
+    "TF_OperationAllInputs": (None, [_P, _OUT, _INT]),
+    "TF_OperationNumControlInputs": (_INT, [_P]),
+    "TF_OperationGetControlInputs": (_INT, [_P, ctypes.POINTER(_P), _INT]),
+    "TF_NewSessionOptions": (_P, []),
+    "TF_DeleteSessionOptions": (None, [_P]),
+    "TF_SetConfig": (None, [_P, ctypes.c_char_p, _SIZE, _P]),
+    "TF_NewSession": (_P, [_P, _P, _P]),
+    "TF_CloseSession": (None, [_P, _P]),
+    "TF_DeleteSession": (None, [_P, _P]),
+    "TF_SessionRun": (
+        None,
+        # session, run options, feeds (outputs, values, count), fetches (the same), targets
+        # (operations, count), run metadata, status
+        [_P, _P, _OUT, _PP, _INT, _OUT, _PP, _INT, _PP, _INT, _P, _P],
+    ),
+    "TF_NewBuffer": (_BUF, []),
+    "TF_DeleteBuffer": (None, [_BUF]),
+    "TF_LoadSessionFromSavedModel": (
+        _P,
+        [_P, _P, ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p), _INT, _P, _BUF, _P],
+    ),
+    "TF_AllocateTensor": (_P, [_INT, ctypes.POINTER(_INT64), _INT, _SIZE]),
+    "TF_NewTensor": (
+        _P,
+        [_INT, ctypes.POINTER(_INT64), _INT, _P, _SIZE, _DEALLOCATOR, _P],
+    ),
+    "TF_DeleteTensor": (None, [_P]),
+    "TF_TensorData": (_P, [_P]),
+    "TF_TensorByteSize": (_SIZE, [_P]),
+    "TF_TensorType": (_INT, [_P]),
+    "TF_NumDims": (_INT, [_P]),
+    "TF_Dim": (_INT64, [_P, _INT]),
+    "TF_TensorElementCount": (_INT64, [_P]),
+    "TF_StringInit": (None, [_P]),
+    "TF_StringCopy": (None, [_P, ctypes.c_char_p, _SIZE]),
+    "TF_StringGetDataPointer": (_P, [_P]),
+    "TF_StringGetSize": (_SIZE, [_P]),
+    "TF_StringDealloc": (None, [_P]),
+}
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """``libtensorflow_cc.so.2`` of the installed TensorFlow, with the signatures used here."""
+    spec = importlib.util.find_spec("tensorflow")
+    if spec is None or not spec.submodule_search_locations:
+        raise OSError("TensorFlow is not installed")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    # Already mapped by TensorFlow's Python extension: this is the same copy of it.
+    lib = ctypes.CDLL(str(folder / "libtensorflow_cc.so.2"))
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = restype, argtypes
+    return lib
+
+
+class _Status:
+    def __init__(self) -> None:
+        self.lib = library()
+        self.pointer = self.lib.TF_NewStatus()
+
+    def check(self) -> None:
+        code = self.lib.TF_GetCode(self.pointer)
+        if code:
+            message = (self.lib.TF_Message(self.pointer) or b"").decode("utf-8", "replace")
+            raise TFError.of(code, message)
+
+    def __enter__(self) -> _Status:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.lib.TF_DeleteStatus(self.pointer)
+
+
+def _bytes_buffer(data: bytes) -> _Buffer:
+    """A TF_Buffer over data, valid while data lives (the C API only reads it)."""
+    return _Buffer(ctypes.cast(ctypes.c_char_p(data), _P), len(data), None)
+
+
+def split_tensor_name(name: str) -> tuple[str, int]:
+    """``op:index`` (a bare op name: its first output) as the op's name and the index."""
+    op, colon, index = name.rpartition(":")
+    if not colon:
+        return name, 0
+    if not index.isdigit():
+        raise KeyError(name)
+    return op, int(index)
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One node of a Graph, as TF_GraphNextOperation lists them (the import's order)."""
+
+    name: str
+    type: str
+    #: Names of the nodes whose outputs or control edges it consumes.
+    inputs: tuple[str, ...]
+    #: The types of its outputs, as DataType enum values.
+    output_types: tuple[int, ...]
+
+
+class Graph:
+    """A TF_Graph: import a GraphDef, read its tensors' types and shapes, list its nodes."""
+
+    def __init__(self) -> None:
+        self._lib = library()
+        self.pointer: int | None = self._lib.TF_NewGraph()
+
+    def import_graph_def(self, serialized: bytes) -> None:
+        """Import a serialized GraphDef, its names unchanged; raises TFError."""
+        lib = self._lib
+        options = lib.TF_NewImportGraphDefOptions()
+        buffer = _bytes_buffer(serialized)
+        try:
+            with _Status() as status:
+                buffer_pointer = ctypes.byref(buffer)
+                lib.TF_GraphImportGraphDef(self.pointer, buffer_pointer, options, status.pointer)
+                status.check()
+        finally:
+            lib.TF_DeleteImportGraphDefOptions(options)
+
+    def operation(self, name: str) -> int:
+        """The TF_Operation of a node; KeyError when the graph has no such node."""
+        op: int | None = self._lib.TF_GraphOperationByName(self.pointer, name.encode())
+        if not op:
+            raise KeyError(name)
+        return op
+
+    def output(self, tensor: str) -> _Output:
+        """The TF_Output of ``op:index``; KeyError when the graph has no such tensor."""
+        op_name, index = split_tensor_name(tensor)
+        op = self.operation(op_name)
+        if not 0 <= index < self._lib.TF_OperationNumOutputs(op):
+            raise KeyError(tensor)
+        return _Output(op, index)
+
+    def operation_type(self, tensor: str) -> str:
+        op: bytes = self._lib.TF_OperationOpType(self.output(tensor).oper)
+        return op.decode()
+
+    def dtype(self, tensor: str) -> int:
+        value: int = self._lib.TF_OperationOutputType(self.output(tensor))
+        return value
+
+    def shape(self, tensor: str) -> tuple[int, ...] | None:
+        """The statically known shape (-1 per unknown dimension); None for an unknown rank."""
+        output = self.output(tensor)
+        with _Status() as status:
+            rank = self._lib.TF_GraphGetTensorNumDims(self.pointer, output, status.pointer)
+            status.check()
+            if rank < 0:
+                return None
+            dims = (_INT64 * max(rank, 1))()
+            self._lib.TF_GraphGetTensorShape(self.pointer, output, dims, rank, status.pointer)
+            status.check()
+        return tuple(int(d) for d in dims[:rank])
+
+    def operations(self) -> Iterator[Operation]:
+        lib = self._lib
+        position = _SIZE(0)
+        while op := lib.TF_GraphNextOperation(self.pointer, ctypes.byref(position)):
+            count = lib.TF_OperationNumInputs(op)
+            inputs = (_Output * max(count, 1))()
+            lib.TF_OperationAllInputs(op, inputs, count)
+            controls = lib.TF_OperationNumControlInputs(op)
+            control_ops = (_P * max(controls, 1))()
+            lib.TF_OperationGetControlInputs(op, control_ops, controls)
+            producers = [inputs[i].oper for i in range(count)]
+            producers += [control_ops[i] for i in range(controls)]
+            yield Operation(
+                name=lib.TF_OperationName(op).decode(),
+                type=lib.TF_OperationOpType(op).decode(),
+                inputs=tuple(lib.TF_OperationName(p).decode() for p in producers),
+                output_types=tuple(
+                    lib.TF_OperationOutputType(_Output(op, i))
+                    for i in range(lib.TF_OperationNumOutputs(op))
+                ),
+            )
+
+    def close(self) -> None:
+        if self.pointer is not None:
+            self._lib.TF_DeleteGraph(self.pointer)
+            self.pointer = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Session:
+    """A TF_Session over a Graph, created with a serialized ConfigProto."""
+
+    def __init__(self, graph: Graph, config: bytes, *, pointer: int | None = None) -> None:
+        self._lib = lib = library()
+        self.graph = graph
+        if pointer is not None:
+            self.pointer: int | None = pointer
+            return
+        options = lib.TF_NewSessionOptions()
+        try:
+            with _Status() as status:
+                lib.TF_SetConfig(options, config, len(config), status.pointer)
+                status.check()
+                self.pointer = lib.TF_NewSession(graph.pointer, options, status.pointer)
+                status.check()
+        finally:
+            lib.TF_DeleteSessionOptions(options)
+
+    def run(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        fetches: Sequence[str],
+        targets: Sequence[str] = (),
+        *,
+        aliased: Collection[str] = (),
+    ) -> list[np.ndarray]:
+        """One TF_SessionRun: tensors by name in, the fetched values out, in order.
+
+        The feeds named in ``aliased`` are handed over without a copy when they are aligned:
+        the caller keeps their memory alive and unchanged until this session is closed (a
+        graph may keep a fed value, in a variable for instance).
+        """
+        lib, graph = self._lib, self.graph
+        names = list(feeds)
+        inputs = (_Output * max(len(names), 1))(*(graph.output(n) for n in names))
+        outputs = (_Output * max(len(fetches), 1))(*(graph.output(n) for n in fetches))
+        ops = (_P * max(len(targets), 1))(*(graph.operation(t) for t in targets))
+        values = (_P * max(len(names), 1))()
+        results = (_P * max(len(fetches), 1))()
+        arrays: list[np.ndarray] = []  # what fed tensors alias, alive at least until the run ends
+        try:
+            for index, name in enumerate(names):
+                alias = arrays if name in aliased else None
+                values[index] = _new_tensor(lib, feeds[name], graph.dtype(name), alias)
+            with _Status() as status:
+                lib.TF_SessionRun(
+                    self.pointer, None, inputs, values, len(names), outputs, results,
+                    len(fetches), ops, len(targets), None, status.pointer,
+                )  # fmt: skip
+                status.check()
+            return [_to_numpy(lib, results[i] or 0) for i in range(len(fetches))]
+        finally:
+            for index in range(len(fetches)):
+                if results[index]:
+                    lib.TF_DeleteTensor(results[index])
+            for index in range(len(names)):
+                fed = values[index]
+                if fed:
+                    _delete_fed(lib, fed)
+            del arrays
+
+    def close(self) -> None:
+        if self.pointer is not None:
+            with _Status() as status:
+                self._lib.TF_CloseSession(self.pointer, status.pointer)
+                self._lib.TF_DeleteSession(self.pointer, status.pointer)
+            self.pointer = None
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+@dataclass
+class SavedModel:
+    """A SavedModel as the C++ loader loads it: its session, graph and MetaGraphDef."""
+
+    session: Session
+    graph: Graph
+    #: The MetaGraphDef's signature_def map only (its graph is not parsed in Python).
+    signature_def: Mapping[str, Any]
+
+    def close(self) -> None:
+        self.session.close()
+        self.graph.close()
+
+
+def load_saved_model(export_dir: str, tags: Sequence[str], config: bytes) -> SavedModel:
+    """``TF_LoadSessionFromSavedModel``: restore the variables and run the main op."""
+    lib = library()
+    graph = Graph()
+    options = lib.TF_NewSessionOptions()
+    meta = lib.TF_NewBuffer()
+    try:
+        with _Status() as status:
+            lib.TF_SetConfig(options, config, len(config), status.pointer)
+            status.check()
+            names = (ctypes.c_char_p * len(tags))(*(t.encode() for t in tags))
+            pointer = lib.TF_LoadSessionFromSavedModel(
+                options, None, os.fsencode(export_dir), names, len(tags), graph.pointer, meta,
+                status.pointer,
+            )  # fmt: skip
+            status.check()
+        serialized = ctypes.string_at(meta.contents.data, meta.contents.length)
+    except BaseException:
+        graph.close()
+        raise
+    finally:
+        lib.TF_DeleteBuffer(meta)
+        lib.TF_DeleteSessionOptions(options)
+    session = Session(graph, b"", pointer=pointer)
+    return SavedModel(session, graph, signature_defs(serialized))
+
+
+def signature_defs(meta_graph_def: bytes) -> Mapping[str, Any]:
+    """The signature_def map of a serialized MetaGraphDef, without parsing its graph."""
+    meta = tfcore.meta_graph_pb2.MetaGraphDef()
+    # Field 5 (signature_def) entries alone: the graph_def field is skipped, not parsed.
+    meta.ParseFromString(b"".join(_fields(memoryview(meta_graph_def), 5)))
+    signatures: Mapping[str, Any] = meta.signature_def
+    return signatures
+
+
+def _fields(data: memoryview, wanted: int) -> Iterator[bytes]:
+    """The raw bytes (key included) of each occurrence of one field of a serialized message."""
+    position = 0
+    while position < len(data):
+        start = position
+        key, position = _varint(data, position)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, position = _varint(data, position)
+        elif wire == 1:
+            position += 8
+        elif wire == 2:
+            length, position = _varint(data, position)
+            position += length
+        elif wire == 5:
+            position += 4
+        else:
+            raise ValueError(f"unexpected wire type {wire} in a MetaGraphDef")
+        if number == wanted:
+            yield bytes(data[start:position])
+
+
+def _varint(data: memoryview, position: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[position]
+        position += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, position
+        shift += 7
+
+
+def _numpy_dtype(dtype: int) -> np.dtype[Any]:
+    numpy_dtype: np.dtype[Any] = np.dtype(tfcore.dtypes.as_dtype(dtype).as_numpy_dtype)
+    return numpy_dtype
+
+
+def _new_tensor(lib: ctypes.CDLL, value: Any, dtype: int, keep: list[np.ndarray] | None) -> int:
+    """A TF_Tensor for value, as the graph's tensor of that type takes it.
+
+    With ``keep``, an aligned array is aliased (and appended to keep), not copied.
+    """
+    if dtype == TF_STRING:
+        array = np.asarray(value, dtype=object)
+        items = [_as_bytes(item) for item in array.reshape(-1)]
+        dims = (_INT64 * max(array.ndim, 1))(*array.shape)
+        tensor = lib.TF_AllocateTensor(TF_STRING, dims, array.ndim, _TSTRING_BYTES * len(items))
+        base = lib.TF_TensorData(tensor)
+        for index, item in enumerate(items):
+            slot = base + index * _TSTRING_BYTES
+            lib.TF_StringInit(slot)
+            lib.TF_StringCopy(slot, item, len(item))
+        return int(tensor)
+    array = np.asarray(value, dtype=_numpy_dtype(dtype), order="C")
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)
+    dims = (_INT64 * max(array.ndim, 1))(*array.shape)
+    address = array.ctypes.data
+    if keep is not None and array.nbytes and address % _ALIGNMENT == 0:
+        keep.append(array)
+        return int(lib.TF_NewTensor(dtype, dims, array.ndim, address, array.nbytes, _KEEP, None))
+    tensor = lib.TF_AllocateTensor(dtype, dims, array.ndim, array.nbytes)
+    if array.nbytes:
+        ctypes.memmove(lib.TF_TensorData(tensor), address, array.nbytes)
+    return int(tensor)
+
+
+def _delete_fed(lib: ctypes.CDLL, tensor: int) -> None:
+    """Free a fed tensor; the strings of a string tensor first (its buffer is raw memory)."""
+    if lib.TF_TensorType(tensor) == TF_STRING:
+        base = lib.TF_TensorData(tensor)
+        for index in range(lib.TF_TensorElementCount(tensor)):
+            lib.TF_StringDealloc(base + index * _TSTRING_BYTES)
+    lib.TF_DeleteTensor(tensor)
+
+
+def _as_bytes(item: object) -> bytes:
+    if isinstance(item, bytes):
+        return item
+    if isinstance(item, str):
+        return item.encode()
+    raise TypeError(f"a string tensor takes bytes or str, not {type(item).__name__}")
+
+
+def _to_numpy(lib: ctypes.CDLL, tensor: int) -> np.ndarray:
+    if not tensor:
+        raise TFError.of(13, "TensorFlow returned no value for a fetched tensor")
+    shape = tuple(lib.TF_Dim(tensor, i) for i in range(lib.TF_NumDims(tensor)))
+    dtype = lib.TF_TensorType(tensor)
+    base = lib.TF_TensorData(tensor)
+    if dtype == TF_STRING:
+        count = lib.TF_TensorElementCount(tensor)
+        strings: np.ndarray = np.empty(count, dtype=object)
+        for index in range(count):
+            slot = base + index * _TSTRING_BYTES
+            strings[index] = ctypes.string_at(
+                lib.TF_StringGetDataPointer(slot), lib.TF_StringGetSize(slot)
+            )
+        return strings.reshape(shape)
+    array: np.ndarray = np.empty(shape, _numpy_dtype(dtype))
+    if array.nbytes:
+        if lib.TF_TensorByteSize(tensor) != array.nbytes:
+            raise TFError.of(13, f"a fetched tensor of {array.nbytes} bytes holds another size")
+        ctypes.memmove(array.ctypes.data, base, array.nbytes)
+    return array

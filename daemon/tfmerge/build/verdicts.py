@@ -1,0 +1,178 @@
+"""What the check of an input found, kept so that an unchanged model is not checked again.
+
+Worker side. A model's check (op policy, import, tensor types, probe run) depends only on its
+file's bytes, its declaration, the TensorFlow that runs it and the settings below. Once it
+passes, its verdict is written to ``state_dir/verdicts/``: the tensors its signature serves,
+with their types, and the probe feeds with the outputs the source graph computed on them. A
+later build that reads the same bytes under the same declaration, TensorFlow, tfmerge and
+settings reuses that verdict instead of importing and running the graph again. The merged
+model is still loaded and every signature run against those outputs (verify.py), so a verdict
+saves the check of a source, never the check of what is published.
+
+The key of a verdict is a digest of everything it depends on (``key``): anything that differs
+(one byte of the file, a renamed output, another sample, ``allow_ops``, another TensorFlow) is
+another key, which is a miss. An entry carries a checksum of its contents: a damaged, partly
+written or unreadable entry is a miss too, and a miss is a full check. Entries are written
+through a rename but not synced (a cache whose entries check themselves loses nothing it
+needs in a power loss), and removed with the blobs of inputs no longer in use.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tfmerge import __version__, oppolicy
+from tfmerge.build import constants, tfcore
+from tfmerge.build.probe import check_session_config
+from tfmerge.config import Config
+from tfmerge.folders.fs import write_replace
+from tfmerge.models import ModelSpec, TensorSig
+from tfmerge.specs import spec_key
+
+#: Bumped whenever the check changes what it finds for the same input: older verdicts are
+#: then misses.
+CHECK_FORMAT = 1
+#: What else a verdict depends on. A module-level mapping, so that a test can stand for
+#: another TensorFlow without installing one.
+ENVIRONMENT: dict[str, str] = {
+    "tensorflow": tfcore.VERSION,
+    "tensorflow_git": tfcore.GIT_VERSION,
+    "tfmerge": __version__,
+}
+_STRING = 7
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A passed check: the signature's tensors, and the probe with what the source computed."""
+
+    inputs: dict[str, str]
+    outputs: dict[str, str]
+    input_sigs: dict[str, TensorSig]
+    output_sigs: dict[str, TensorSig]
+    feeds: dict[str, np.ndarray]
+    expected: dict[str, np.ndarray]
+
+
+def key(spec: ModelSpec, sha256: str, config: Config) -> str:
+    """The digest of everything a model's check depends on."""
+    payload = {
+        "format": CHECK_FORMAT,
+        "environment": dict(sorted(ENVIRONMENT.items())),
+        "sha256": sha256,
+        "declaration": spec_key(spec),
+        "allow_ops": sorted(config.allow_ops),
+        "denied_ops": sorted(oppolicy.DENIED_OPS),
+        "max_model_bytes": config.max_model_bytes,
+        "large_constant_bytes": constants.LARGE_CONSTANT_BYTES,
+        "session": check_session_config().SerializeToString(deterministic=True).hex(),
+    }
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class Verdicts:
+    """The verdicts in one folder (``state_dir/verdicts``), for one build's config."""
+
+    def __init__(self, folder: Path, config: Config) -> None:
+        self.folder = folder
+        self._config = config
+        #: How many checks this build reused, and how many verdicts it wrote.
+        self.reused = 0
+        self.stored = 0
+
+    def path(self, sha256: str, digest: str) -> Path:
+        # The input's sha256 first: entries are removed with the blob of their input.
+        return self.folder / f"{sha256}.{digest[:32]}.json"
+
+    def get(self, spec: ModelSpec, sha256: str) -> Verdict | None:
+        """The verdict of this very check, or None (no entry, or a damaged one)."""
+        digest = key(spec, sha256, self._config)
+        try:
+            entry = json.loads(self.path(sha256, digest).read_bytes())
+            body = entry["body"]
+            if entry["key"] != digest or entry["checksum"] != _checksum(body):
+                return None
+            verdict = _decode(body)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        self.reused += 1
+        return verdict
+
+    def put(self, spec: ModelSpec, sha256: str, verdict: Verdict) -> None:
+        digest = key(spec, sha256, self._config)
+        body = _encode(verdict)
+        entry = {"key": digest, "checksum": _checksum(body), "body": body}
+        try:
+            write_replace(self.path(sha256, digest), json.dumps(entry).encode())
+        except OSError:
+            return  # a verdict not kept is a check made again next time
+        self.stored += 1
+
+
+def _checksum(body: Mapping[str, Any]) -> str:
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _encode(verdict: Verdict) -> dict[str, Any]:
+    def sigs(values: Mapping[str, TensorSig]) -> dict[str, Any]:
+        return {k: [s.name, s.dtype, s.shape] for k, s in values.items()}
+
+    return {
+        "inputs": dict(verdict.inputs),
+        "outputs": dict(verdict.outputs),
+        "input_sigs": sigs(verdict.input_sigs),
+        "output_sigs": sigs(verdict.output_sigs),
+        "feeds": {k: _array_to_json(v) for k, v in verdict.feeds.items()},
+        "expected": {k: _array_to_json(v) for k, v in verdict.expected.items()},
+    }
+
+
+def _decode(body: Mapping[str, Any]) -> Verdict:
+    def sigs(values: Mapping[str, Any]) -> dict[str, TensorSig]:
+        return {k: TensorSig(str(n), int(t), _shape(s)) for k, (n, t, s) in values.items()}
+
+    return Verdict(
+        inputs={str(k): str(v) for k, v in body["inputs"].items()},
+        outputs={str(k): str(v) for k, v in body["outputs"].items()},
+        input_sigs=sigs(body["input_sigs"]),
+        output_sigs=sigs(body["output_sigs"]),
+        feeds={k: _array_from_json(v) for k, v in body["feeds"].items()},
+        expected={k: _array_from_json(v) for k, v in body["expected"].items()},
+    )
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    return None if value is None else tuple(int(d) for d in value)
+
+
+def _array_to_json(value: np.ndarray) -> dict[str, Any]:
+    array = np.asarray(value)
+    dtype = tfcore.dtypes.as_dtype(array.dtype).as_datatype_enum
+    if dtype == _STRING:
+        items = [i if isinstance(i, bytes) else str(i).encode() for i in array.reshape(-1)]
+        data: Any = [base64.b64encode(item).decode() for item in items]
+    else:
+        data = base64.b64encode(np.ascontiguousarray(array).tobytes()).decode()
+    return {"dtype": dtype, "shape": list(array.shape), "data": data}
+
+
+def _array_from_json(value: Mapping[str, Any]) -> np.ndarray:
+    dtype, shape = int(value["dtype"]), tuple(int(d) for d in value["shape"])
+    if dtype == _STRING:
+        items = [base64.b64decode(item) for item in value["data"]]
+        strings: np.ndarray = np.empty(len(items), dtype=object)
+        strings[:] = items
+        return strings.reshape(shape)
+    numpy_dtype = np.dtype(tfcore.dtypes.as_dtype(dtype).as_numpy_dtype)
+    array: np.ndarray = np.frombuffer(base64.b64decode(value["data"]), numpy_dtype)
+    return array.reshape(shape).copy()

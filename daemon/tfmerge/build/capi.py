@@ -6,8 +6,8 @@ imports its graph node by node in Python. For a few hundred small models those c
 of a build. The C API does the same work in C++: ``TF_GraphImportGraphDef`` is the importer
 ``import_graph_def`` calls, ``TF_SessionRun`` the run ``Session.run`` calls, and
 ``TF_LoadSessionFromSavedModel`` the C++ loader TensorFlow Serving runs. The library is the
-one TensorFlow's Python package has already loaded (``libtensorflow_cc.so.2``), so the kernels
-and their results are the same.
+one TensorFlow's Python package loads (``libtensorflow_cc.so.2``), so the kernels and their
+results are the same as through ``tf.compat.v1.Session``.
 
 Feeds are numpy arrays: aligned ones are handed to TensorFlow without a copy (a large
 constant's bytes, fed to its source graph), others are copied once. Fetched values are copied
@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.util
 import os
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -150,13 +148,8 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
 
 @functools.cache
 def library() -> ctypes.CDLL:
-    """``libtensorflow_cc.so.2`` of the installed TensorFlow, with the signatures used here."""
-    spec = importlib.util.find_spec("tensorflow")
-    if spec is None or not spec.submodule_search_locations:
-        raise OSError("TensorFlow is not installed")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    # Already mapped by TensorFlow's Python extension: this is the same copy of it.
-    lib = ctypes.CDLL(str(folder / "libtensorflow_cc.so.2"))
+    """TensorFlow's C++ runtime (tfcore.library), with the signatures of the calls used here."""
+    lib = tfcore.library()
     for name, (restype, argtypes) in _SIGNATURES.items():
         function = getattr(lib, name)
         function.restype, function.argtypes = restype, argtypes

@@ -42,7 +42,7 @@ def probe_inputs(
         shape = (2,) if sig.shape is None else tuple(2 if d < 0 else d for d in sig.shape)
         if dtype.is_floating:
             values[key] = rng.standard_normal(shape).astype(dtype.as_numpy_dtype)
-        elif dtype.is_integer or dtype == tfcore.dtypes.bool:
+        elif dtype.is_integer or dtype.is_bool:
             # Zeros are valid indices for any embedding or table a graph may look them up in.
             values[key] = np.zeros(shape, dtype=dtype.as_numpy_dtype)
         elif dtype == tfcore.dtypes.string:

@@ -1,20 +1,27 @@
-"""The part of TensorFlow a build uses, imported without the rest of the ``tensorflow`` package.
+"""The part of TensorFlow a build uses: its C++ runtime and its protobufs, no Python runtime.
 
 ``import tensorflow`` loads the whole public API: Keras, tf.data, distribution strategies and
-the generated ``tf.*`` modules, about 4 s of a 6 s start on a 2-core host. A build needs the
-C++ runtime, graph import, sessions, the SavedModel loader and the protobufs, which load in
-about 1.5 s. Importing this module registers ``tensorflow`` as a package whose ``__init__`` has
-not run yet, so that its submodules load alone; the first lookup of any other attribute on it
-(``tf.Graph`` in code that did ``import tensorflow as tf``) runs ``__init__`` then, and from
-there on the package is exactly what a plain import gives. A process that imported TensorFlow
-before is left as it is. Worker side only.
+the generated ``tf.*`` modules, about 4 s of a 6 s start on a 2-core host; even its graph-mode
+core (sessions, graph import, the SavedModel loader) costs about 1.5 s of CPU, ml_dtypes and
+TensorFlow's Python bindings for the most part. A build needs neither: it imports and runs
+graphs and loads SavedModels through the C API (build/capi.py), on ``libtensorflow_cc.so.2``,
+the library TensorFlow's Python package itself loads, and writes protobufs.
+
+Importing this module loads that library and registers ``tensorflow`` as a package whose
+``__init__`` has not run yet, so that its protobuf modules load alone; the first lookup of any
+other attribute on it (``tf.Graph`` in code that did ``import tensorflow as tf``) runs
+``__init__`` then, and from there on the package is exactly what a plain import gives. A
+process that imported TensorFlow before is left as it is. Worker side only.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import importlib.util
 import os
 import sys
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -23,12 +30,12 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _defer_package_init() -> None:
-    if "tensorflow" in sys.modules:
-        return
+def _defer_package_init() -> ModuleType:
     spec = importlib.util.find_spec("tensorflow")
     if spec is None or spec.loader is None or spec.submodule_search_locations is None:
-        return  # not a regular package: let the imports below fail or succeed as they would
+        raise ImportError("TensorFlow is not installed as a regular package")
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
     package = importlib.util.module_from_spec(spec)
     loader = spec.loader
 
@@ -40,27 +47,41 @@ def _defer_package_init() -> None:
 
     package.__dict__["__getattr__"] = complete
     sys.modules["tensorflow"] = package
+    return package
 
 
-_defer_package_init()
+_PACKAGE = _defer_package_init()
+#: Where the installed TensorFlow is, and its C++ runtime.
+PACKAGE_DIR = Path(next(iter(_PACKAGE.__spec__.submodule_search_locations or ())))  # type: ignore[union-attr]
+LIBRARY_PATH = PACKAGE_DIR / "libtensorflow_cc.so.2"
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """``libtensorflow_cc.so.2``: already mapped if TensorFlow's Python package loaded it."""
+    return ctypes.CDLL(str(LIBRARY_PATH))
+
+
+def _version() -> str:
+    function = library().TF_Version
+    function.restype = ctypes.c_char_p
+    value: bytes = function()
+    return value.decode()
+
 
 # ruff: noqa: E402 - these imports must follow the registration above to load alone.
-from tensorflow.core.framework import graph_pb2
+from tensorflow.core.framework import graph_pb2, tensor_pb2
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from tensorflow.core.protobuf.config_pb2 import ConfigProto, OptimizerOptions
-from tensorflow.python.client.session import Session
-from tensorflow.python.framework import dtypes
-from tensorflow.python.framework.errors_impl import OpError
-from tensorflow.python.framework.importer import import_graph_def
-from tensorflow.python.framework.ops import Graph
-from tensorflow.python.framework.tensor_util import MakeNdarray, make_tensor_proto
-from tensorflow.python.framework.versions import GIT_VERSION, VERSION
-from tensorflow.python.lib.io.tf_record import TFRecordWriter
-from tensorflow.python.platform.tf_logging import get_logger
-from tensorflow.python.saved_model.loader_impl import load as load_saved_model
 
-# The SavedModel loader's deprecation notice would be printed on every build.
-get_logger().setLevel("ERROR")
+from tfmerge.build import dtypes
+from tfmerge.build.dtypes import make_ndarray as MakeNdarray  # noqa: N812 - TensorFlow's name
+from tfmerge.build.dtypes import make_tensor_proto
+
+#: TensorFlow's version, as its runtime reports it (``tf.__version__``).
+VERSION = _version()
+#: Not reported by the C++ runtime (only TensorFlow's Python bindings carry it).
+GIT_VERSION = ""
 
 
 def is_full_tensorflow_loaded() -> bool:
@@ -71,20 +92,17 @@ def is_full_tensorflow_loaded() -> bool:
 
 __all__ = [
     "GIT_VERSION",
+    "LIBRARY_PATH",
     "VERSION",
     "ConfigProto",
-    "Graph",
     "MakeNdarray",
-    "OpError",
     "OptimizerOptions",
-    "Session",
-    "TFRecordWriter",
     "dtypes",
     "graph_pb2",
-    "import_graph_def",
     "is_full_tensorflow_loaded",
-    "load_saved_model",
+    "library",
     "make_tensor_proto",
     "meta_graph_pb2",
     "saved_model_pb2",
+    "tensor_pb2",
 ]

@@ -9,12 +9,15 @@ build has just verified. The server reads at most 1000 records.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping
 from pathlib import Path
+from types import TracebackType
 
 import numpy as np
 
 from tfmerge.build import tfcore
+from tfmerge.build.bundle import checksum, masked_crc32c
 from tfmerge.logs import get_logger
 
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
@@ -44,7 +47,7 @@ def write(
         signatures = signatures[:MAX_RECORDS]
     path = export_dir / WARMUP_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tfcore.TFRecordWriter(str(path)) as writer:
+    with _RecordWriter(path) as writer:
         for name in signatures:
             request = predict_pb2.PredictRequest()
             request.model_spec.name = model_name
@@ -56,3 +59,29 @@ def write(
             )
             writer.write(record.SerializeToString(deterministic=True))
     return len(signatures)
+
+
+class _RecordWriter:
+    """A TFRecord file: each record its length, the length's masked crc32c, the bytes, and
+    their masked crc32c (TensorFlow's ``tf.io.TFRecordWriter``, uncompressed)."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("wb")
+
+    def write(self, data: bytes) -> None:
+        length = struct.pack("<Q", len(data))
+        self._file.write(length)
+        self._file.write(struct.pack("<I", masked_crc32c(checksum(length))))
+        self._file.write(data)
+        self._file.write(struct.pack("<I", masked_crc32c(checksum(data))))
+
+    def __enter__(self) -> _RecordWriter:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._file.close()

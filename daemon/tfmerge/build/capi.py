@@ -95,6 +95,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "TF_DeleteGraph": (None, [_P]),
     "TF_NewImportGraphDefOptions": (_P, []),
     "TF_DeleteImportGraphDefOptions": (None, [_P]),
+    "TF_ImportGraphDefOptionsSetPrefix": (None, [_P, ctypes.c_char_p]),
     "TF_GraphImportGraphDef": (None, [_P, _BUF, _P, _P]),
     "TF_GraphOperationByName": (_P, [_P, ctypes.c_char_p]),
     "TF_GraphNextOperation": (_P, [_P, ctypes.POINTER(_SIZE)]),
@@ -208,10 +209,13 @@ class Graph:
         self._lib = library()
         self.pointer: int | None = self._lib.TF_NewGraph()
 
-    def import_graph_def(self, serialized: bytes) -> None:
-        """Import a serialized GraphDef, its names unchanged; raises TFError."""
+    def import_graph_def(self, serialized: bytes, prefix: str = "") -> None:
+        """Import a serialized GraphDef, each node's name under ``prefix/`` if one is given;
+        raises TFError."""
         lib = self._lib
         options = lib.TF_NewImportGraphDefOptions()
+        if prefix:
+            lib.TF_ImportGraphDefOptionsSetPrefix(options, prefix.encode())
         buffer = _bytes_buffer(serialized)
         try:
             with _Status() as status:

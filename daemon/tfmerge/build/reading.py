@@ -26,6 +26,8 @@ from tfmerge.models import ModelRejected
 #: Where a large constant's bytes start in the read buffer: TensorFlow feeds an array this
 #: aligned without copying it (Eigen's widest alignment).
 _FEED_ALIGNMENT = 64
+#: Files from this size are hashed by a thread of their own, while they are parsed.
+_HASH_ASIDE_BYTES = 4 << 20
 
 
 @dataclass
@@ -135,13 +137,21 @@ def _aligned(
 
 
 class _Digest:
-    """sha256 of a buffer, computed on another core while the graph is parsed."""
+    """sha256 of a buffer, computed on another core while the graph is parsed.
+
+    A small buffer is hashed at once: starting a thread costs more than hashing it.
+    """
 
     def __init__(self, data: memoryview) -> None:
         self._hash = hashlib.sha256()
+        self._thread = None
+        if len(data) < _HASH_ASIDE_BYTES:
+            self._hash.update(data)
+            return
         self._thread = threading.Thread(target=self._hash.update, args=(data,), name="sha256")
         self._thread.start()
 
     def join(self) -> str:
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         return self._hash.hexdigest()

@@ -41,7 +41,9 @@ def run_build(
     newest_fingerprint: str | None = None,
     raw_fingerprint: str | None = None,
 ) -> BuildResult:
-    writer = Writer(staging, Store(config.state_dir))
+    store = Store(config.state_dir)
+    writer = Writer(staging, store)
+    verdicts = Verdicts(store.verdicts, config)
     # Copied into the state folder by the writer's thread while the ones before are checked.
     writer.prefetch(
         [config.frozen_dir / spec.relpath for spec in resolution.specs], config.max_model_bytes
@@ -54,6 +56,7 @@ def run_build(
                 staging,
                 build_id,
                 writer,
+                verdicts,
                 newest_fingerprint=newest_fingerprint,
                 raw_fingerprint=raw_fingerprint,
             )
@@ -67,15 +70,16 @@ def _run_build(
     staging: Path,
     build_id: str,
     writer: Writer,
+    verdicts: Verdicts,
     *,
     newest_fingerprint: str | None,
     raw_fingerprint: str | None,
 ) -> BuildResult:
     log = get_logger()
     started = time.monotonic()
-    verdicts = Verdicts(Store(config.state_dir).verdicts, config)
     checked, rejections = _check_inputs(config, resolution, writer, verdicts)
     writer.finish()
+    verdicts.flush()
     checked.sort(key=lambda c: c.model.signature)
     if raw_fingerprint is None:
         digests = {c.model.relpath: c.model.sha256 for c in checked if not c.model.kept}

@@ -43,10 +43,12 @@ def initializer_nodes(graph_def: Any) -> list[str]:
 
 
 def import_graph(graph_def: Any) -> capi.Graph:
-    """Import into a fresh graph; refuses unknown ops and dangling references."""
+    """Import a GraphDef (or its serialized bytes) into a fresh graph; refuses unknown ops and
+    dangling references."""
     graph = capi.Graph()
     try:
-        graph.import_graph_def(graph_def.SerializeToString())
+        serialized = graph_def if isinstance(graph_def, bytes) else graph_def.SerializeToString()
+        graph.import_graph_def(serialized)
     except capi.TFError as exc:
         graph.close()
         reason = f"TensorFlow cannot import the graph: {exc.message}"

@@ -11,10 +11,11 @@ saves the check of a source, never the check of what is published.
 
 The key of a verdict is a digest of everything it depends on (``key``): anything that differs
 (one byte of the file, a renamed output, another sample, ``allow_ops``, another TensorFlow) is
-another key, which is a miss. An entry carries a checksum of its contents: a damaged, partly
-written or unreadable entry is a miss too, and a miss is a full check. Entries are written
-through a rename but not synced (a cache whose entries check themselves loses nothing it
-needs in a power loss), and removed with the blobs of inputs no longer in use.
+another key, which is a miss. A record carries a checksum of its contents: a damaged, partly
+written or unreadable record is a miss too, and a miss is a full check. A build writes its new
+verdicts in one pack file, not synced (folders/packs.py: a cache whose records check
+themselves loses nothing it needs in a power loss), and the verdicts of inputs no longer in
+use are removed with their blobs.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from tfmerge import __version__, oppolicy
 from tfmerge.build import constants, tfcore
 from tfmerge.build.probe import check_session_config
 from tfmerge.config import Config
-from tfmerge.folders.fs import write_replace
+from tfmerge.folders.packs import Packs, Record
 from tfmerge.models import ModelSpec, TensorSig
 from tfmerge.specs import spec_key
 
@@ -64,63 +65,67 @@ class Verdict:
 
 def key(spec: ModelSpec, sha256: str, config: Config) -> str:
     """The digest of everything a model's check depends on."""
+    return _key(_settings(config), spec, sha256)
+
+
+def _settings(config: Config) -> str:
+    """What a check depends on besides its input: the same for every model of a build."""
     payload = {
         "format": CHECK_FORMAT,
         "environment": dict(sorted(ENVIRONMENT.items())),
-        "sha256": sha256,
-        "declaration": spec_key(spec),
         "allow_ops": sorted(config.allow_ops),
         "denied_ops": sorted(oppolicy.DENIED_OPS),
         "max_model_bytes": config.max_model_bytes,
         "large_constant_bytes": constants.LARGE_CONSTANT_BYTES,
         "session": check_session_config().SerializeToString(deterministic=True).hex(),
     }
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _key(settings: str, spec: ModelSpec, sha256: str) -> str:
+    model = {"sha256": sha256, "declaration": spec_key(spec)}
+    text = json.dumps(model, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(f"{settings}\n{text}".encode()).hexdigest()
 
 
 class Verdicts:
     """The verdicts in one folder (``state_dir/verdicts``), for one build's config."""
 
     def __init__(self, folder: Path, config: Config) -> None:
-        self.folder = folder
-        self._config = config
+        self._packs = Packs(folder)
+        self._settings = _settings(config)
+        self._known: dict[str, Record] | None = None
+        self._new: list[Record] = []
         #: How many checks this build reused, and how many verdicts it wrote.
         self.reused = 0
         self.stored = 0
 
-    def path(self, sha256: str, digest: str) -> Path:
-        # The input's sha256 first: entries are removed with the blob of their input.
-        return self.folder / f"{sha256}.{digest[:32]}.json"
-
     def get(self, spec: ModelSpec, sha256: str) -> Verdict | None:
-        """The verdict of this very check, or None (no entry, or a damaged one)."""
-        digest = key(spec, sha256, self._config)
+        """The verdict of this very check, or None (no record, or a damaged one)."""
+        if self._known is None:
+            self._known = self._packs.records()
+        record = self._known.get(_key(self._settings, spec, sha256))
+        if record is None:
+            return None
         try:
-            entry = json.loads(self.path(sha256, digest).read_bytes())
-            body = entry["body"]
-            if entry["key"] != digest or entry["checksum"] != _checksum(body):
-                return None
-            verdict = _decode(body)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            verdict = _decode(json.loads(record.body))
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None
         self.reused += 1
         return verdict
 
     def put(self, spec: ModelSpec, sha256: str, verdict: Verdict) -> None:
-        digest = key(spec, sha256, self._config)
-        body = _encode(verdict)
-        entry = {"key": digest, "checksum": _checksum(body), "body": body}
+        body = json.dumps(_encode(verdict), separators=(",", ":")).encode()
+        self._new.append(Record(_key(self._settings, spec, sha256), sha256, body))
+
+    def flush(self) -> None:
+        """Write the verdicts put so far, all in one pack (folders/packs.py)."""
+        new, self._new = self._new, []
         try:
-            write_replace(self.path(sha256, digest), json.dumps(entry).encode())
+            self._packs.write(new)
         except OSError:
             return  # a verdict not kept is a check made again next time
-        self.stored += 1
-
-
-def _checksum(body: Mapping[str, Any]) -> str:
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
+        self.stored += len(new)
 
 
 def _encode(verdict: Verdict) -> dict[str, Any]:

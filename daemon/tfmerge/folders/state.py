@@ -4,7 +4,7 @@ Layout (all written atomically: temporary file, fsync, rename, fsync of the fold
 
     state_dir/blobs/<sha256><.pb|.pbtxt>   exact bytes of every checked input (content-addressed;
                                            hard-linked into versions as their variables' data)
-    state_dir/verdicts/<sha256>.<key>.json what the check of an input found (build/verdicts.py)
+    state_dir/verdicts/*.pack              what the checks of inputs found (build/verdicts.py)
     state_dir/accepted.json                signature -> AcceptedModel, as last published
     state_dir/rejected.json                the inputs refused by the last build
     state_dir/last_build.json              fingerprint of what the last build saw on disk
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tfmerge.folders.fs import PendingFile, atomic_write
+from tfmerge.folders.packs import Packs
 from tfmerge.models import AcceptedModel, Rejection
 
 
@@ -123,14 +124,12 @@ class Store:
         their inputs; returns the blobs' names."""
         keep = set(keep_sha256)
         removed = []
-        for folder in (self.blobs, self.verdicts):
-            if not folder.is_dir():
-                continue
-            for entry in sorted(folder.iterdir()):
-                if entry.name.split(".", 1)[0] not in keep:
-                    entry.unlink(missing_ok=True)
-                    if folder == self.blobs:
-                        removed.append(entry.name)
+        if self.blobs.is_dir():
+            for blob in sorted(self.blobs.iterdir()):
+                if blob.name.split(".", 1)[0] not in keep:
+                    blob.unlink(missing_ok=True)
+                    removed.append(blob.name)
+        Packs(self.verdicts).prune(keep)
         return removed
 
 

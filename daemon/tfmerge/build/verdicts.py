@@ -21,6 +21,7 @@ use are removed with their blobs.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
@@ -36,7 +37,6 @@ from tfmerge.build.probe import check_session_config
 from tfmerge.config import Config
 from tfmerge.folders.packs import Packs, Record
 from tfmerge.models import ModelSpec, TensorSig
-from tfmerge.specs import spec_key
 
 #: Bumped whenever the check changes what it finds for the same input: older verdicts are
 #: then misses.
@@ -83,7 +83,8 @@ def _settings(config: Config) -> str:
 
 
 def _key(settings: str, spec: ModelSpec, sha256: str) -> str:
-    model = {"sha256": sha256, "declaration": spec_key(spec)}
+    # Every field of the declaration, the ones to come included.
+    model = {"sha256": sha256, "declaration": dataclasses.asdict(spec)}
     text = json.dumps(model, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(f"{settings}\n{text}".encode()).hexdigest()
 

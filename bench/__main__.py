@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench import compare, daemon, machine, markdown, report
+from bench import compare, daemon, machine, markdown, report, scalereport
 from bench.launch import environment
 from bench.sets import ROOT, SETS, WORK, ensure, human_bytes
 
@@ -153,7 +153,9 @@ def write(results: dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_path = out.with_suffix(".png")
     report.plot(results, plot_path)
-    out.write_text(markdown.render(results, plot_path.name))
+    old = out.read_text() if out.exists() else ""
+    # The section of python -m bench.scale stays as that command last wrote it.
+    out.write_text(scalereport.keep_section(old, markdown.render(results, plot_path.name)))
     _log(f"wrote {out} and {plot_path}")
 
 

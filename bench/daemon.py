@@ -229,3 +229,44 @@ def supervisor_idle(project: Path, seconds: float = 60.0) -> IdleSample:
         cpu_seconds=cpu_end - cpu_start,
         helper_rss=helper_rss,
     )
+
+
+def time_to_live_replacing_one(
+    model_set: ModelSet, project: Path, *, index: int, salt: int
+) -> dict[str, Any]:
+    """The daemon warm and serving every model of the set; one model's file is replaced.
+
+    The replacement is written aside and renamed into place (as rsync does), so its last
+    close is the rename; the version that serves it must be published within the quiet
+    period plus the build.
+    """
+    from bench import manyset
+
+    shutil.rmtree(project, ignore_errors=True)
+    config = write_config(project, warm=True)
+    frozen = project / "frozen"
+    for source in sorted(model_set.frozen_dir.glob("*.pb")):
+        os.link(source, frozen / source.name)
+    daemon = start_daemon(config)
+    try:
+        daemon.wait_for("daemon_ready", timeout=600)
+        daemon.wait_for("version_published", timeout=1200)
+        wait_warm_worker(daemon)
+        mark = daemon.mark()
+        manyset.change_one(frozen, index, salt)
+        closed = time.time()
+        settled = daemon.wait_for("batch_settled", since=mark, timeout=300)
+        published = daemon.wait_for("version_published", since=mark, timeout=300)
+        finished = daemon.wait_for("build_finished", since=mark, timeout=300)
+    finally:
+        daemon.stop()
+    ttl = event_time(published) - closed
+    return {
+        "models": len(list(frozen.glob("*.pb"))),
+        "ttl_seconds": ttl,
+        "settled_seconds": event_time(settled) - closed,
+        "beyond_quiet": ttl - QUIET_SECONDS,
+        "build_seconds": event_time(published) - event_time(settled),
+        "durations": dict(finished.get("durations", {})),
+        "load": os.getloadavg()[0],
+    }

@@ -86,6 +86,8 @@ def write_model(path: Path, index: int, seed: int) -> dict[str, Any]:
     rng = np.random.default_rng(seed * 1_000_003 + index)
     make = _mlp if index % 2 == 0 else _conv
     graph_def, inputs, outputs = make(rng, index)
+    # What bench/check_published feeds both sides with: two rows of short decimals.
+    sample = {key: _sample(graph_def, name, rng) for key, name in inputs.items()}
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_bytes(graph_def.SerializeToString(deterministic=True))
     os.replace(temporary, path)
@@ -94,9 +96,16 @@ def write_model(path: Path, index: int, seed: int) -> dict[str, Any]:
         "frozen": path.name,
         "inputs": inputs,
         "outputs": outputs,
-        "sample": None,
+        "sample": sample,
         "bytes": path.stat().st_size,
     }
+
+
+def _sample(graph_def: Any, tensor: str, rng: np.random.Generator) -> list[Any]:
+    node = next(n for n in graph_def.node if n.name == tensor.split(":", maxsplit=1)[0])
+    dims = [2 if d.size < 0 else d.size for d in node.attr["shape"].shape.dim]
+    values: list[Any] = np.round(rng.uniform(-1.0, 1.0, dims), 2).tolist()
+    return values
 
 
 def change_one(frozen_dir: Path, index: int, salt: int) -> Path:
@@ -112,7 +121,8 @@ def generate(root: Path, count: int, seed: int, source: Path | None = None) -> N
     frozen.mkdir(parents=True, exist_ok=True)
     known: dict[str, dict[str, Any]] = {}
     if source is not None and (source / "models.json").exists():
-        known = {m["signature"]: m for m in json.loads((source / "models.json").read_text())["models"]}
+        listed = json.loads((source / "models.json").read_text())["models"]
+        known = {m["signature"]: m for m in listed}
     models = []
     for index in range(count):
         signature = signature_of(index)

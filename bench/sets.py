@@ -1,9 +1,15 @@
 """The generated input sets, cached under bench/.work/sets/<SET>-seed<SEED>/.
 
 A set folder holds ``frozen/*.pb`` and ``models.json`` (the declaration of every model,
-written last: a folder without it is incomplete and is generated again). The graphs come
-from tests/graphgen.py's ``write_big_dense``; generating them imports TensorFlow, so it runs
-in a child process (``python -m bench.sets DIR SET SEED``) and the harness stays light.
+written last: a folder without it is incomplete and is generated again). Generating a set
+imports TensorFlow, so it runs in a child process and the harness stays light:
+
+- S, M, L, XL: a few large classifiers, tests/graphgen.py's ``write_big_dense``
+  (``python -m bench.sets DIR SET SEED``);
+- N10 ... N1000: many small models of about 100 KiB (bench/manyset.py), the set of N being
+  the first N models of the largest;
+- REAL: real architectures with random weights (bench/fieldset.py: keras.applications
+  image models, a text LSTM, a Transformer block, a TF1 GRU).
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ class SetSpec:
     model_bytes: int
     #: Part of a plain ``python -m bench``; XL is asked for by name only.
     default: bool = True
+    #: "dense" (graphgen's write_big_dense), "many" (bench/manyset.py) or "real"
+    #: (bench/fieldset.py); model_bytes is then an approximate size.
+    kind: str = "dense"
 
     @property
     def total_bytes(self) -> int:
@@ -47,7 +56,15 @@ SETS = {
     "M": SetSpec("M", 8, 25 * MiB),
     "L": SetSpec("L", 4, 100 * MiB),
     "XL": SetSpec("XL", 3, 1 * GiB, default=False),
+    # Many small models and real architectures: bench/scale.py measures them.
+    **{
+        f"N{n}": SetSpec(f"N{n}", n, 110 * KiB, default=False, kind="many")
+        for n in (10, 50, 100, 500, 1000)
+    },
+    "REAL": SetSpec("REAL", 7, 25 * MiB, default=False, kind="real"),
 }
+#: The largest many-models set, whose files the smaller ones link.
+_LARGEST_MANY = max((s for s in SETS.values() if s.kind == "many"), key=lambda s: s.count)
 
 
 def human_bytes(value: float) -> str:
@@ -101,13 +118,32 @@ def ensure(spec: SetSpec, seed: int) -> ModelSet:
     if not _complete(root):
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
-        command = [sys.executable, "-m", "bench.sets", str(root), spec.name, str(seed)]
         done = subprocess.run(
-            command, cwd=ROOT, env=environment(), capture_output=True, text=True, check=False
+            _generator(spec, seed, root),
+            cwd=ROOT,
+            env=environment(),
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if done.returncode != 0:
             raise RuntimeError(f"generating set {spec.name} failed:\n{done.stderr[-3000:]}")
     return ModelSet(spec, seed, root)
+
+
+def _generator(spec: SetSpec, seed: int, root: Path) -> list[str]:
+    if spec.kind == "many":
+        command = [sys.executable, "-m", "bench.manyset", str(root), str(spec.count), str(seed)]
+        largest = set_dir(_LARGEST_MANY, seed)
+        if spec != _LARGEST_MANY:
+            # The largest set first, so that this one links its files: the same bytes.
+            ensure(_LARGEST_MANY, seed)
+            command.append(str(largest))
+        return command
+    if spec.kind == "real":
+        # One fixed set (its weights are seeded inside bench/fieldset.py).
+        return [sys.executable, "-m", "bench.fieldset", "write", str(root)]
+    return [sys.executable, "-m", "bench.sets", str(root), spec.name, str(seed)]
 
 
 def _generate(root: Path, spec: SetSpec, seed: int) -> None:

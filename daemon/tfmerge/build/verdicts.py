@@ -84,7 +84,8 @@ def _settings(config: Config) -> str:
 
 def _key(settings: str, spec: ModelSpec, sha256: str) -> str:
     # Every field of the declaration, the ones to come included.
-    model = {"sha256": sha256, "declaration": dataclasses.asdict(spec)}
+    declaration = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+    model = {"sha256": sha256, "declaration": declaration}
     text = json.dumps(model, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(f"{settings}\n{text}".encode()).hexdigest()
 

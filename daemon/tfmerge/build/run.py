@@ -10,6 +10,7 @@ import gc
 import json
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from tfmerge.build.check import Checked, check_kept, check_specs, release_memory
 from tfmerge.build.verdicts import Verdicts
 from tfmerge.build.writer import Writer
 from tfmerge.config import Config
+from tfmerge.folders.fs import fsync_file
 from tfmerge.folders.publish import MANIFEST
 from tfmerge.folders.state import Store
 from tfmerge.logs import bound_context, get_logger
@@ -48,8 +50,11 @@ def run_build(
     writer.prefetch(
         [config.frozen_dir / spec.relpath for spec in resolution.specs], config.max_model_bytes
     )
+    # Syncs started early, so that publishing finds the bytes on disk already; leaving the
+    # block waits for them.
+    aside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfmerge-fsync")
     try:
-        with bound_context(build_id=build_id):
+        with aside, bound_context(build_id=build_id):
             return _run_build(
                 config,
                 resolution,
@@ -57,6 +62,7 @@ def run_build(
                 build_id,
                 writer,
                 verdicts,
+                aside,
                 newest_fingerprint=newest_fingerprint,
                 raw_fingerprint=raw_fingerprint,
             )
@@ -71,6 +77,7 @@ def _run_build(
     build_id: str,
     writer: Writer,
     verdicts: Verdicts,
+    aside: ThreadPoolExecutor,
     *,
     newest_fingerprint: str | None,
     raw_fingerprint: str | None,
@@ -122,6 +129,8 @@ def _run_build(
         feeds[alias] = feeds[target]
         expected[alias] = expected[target]
     stats = merge.merge(units, staging, aliases=aliases)
+    # Written unsynced by the merge: on disk by the time verification is done.
+    aside.submit(fsync_file, staging / "saved_model.pb")
     del units
     release_memory()
     timings["merge"] = round(time.monotonic() - merge_started, 4)

@@ -177,15 +177,19 @@ def write_replace(path: Path, data: bytes | memoryview) -> None:
         raise
 
 
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_tree(root: Path) -> None:
     """fsync every file and folder under root, children before parents."""
     for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
         for name in filenames:
-            fd = os.open(Path(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(Path(dirpath, name))
         fsync_dir(Path(dirpath))
 
 

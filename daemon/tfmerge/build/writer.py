@@ -4,6 +4,9 @@ Every input a build checks is first copied into ``state_dir`` (for the day its n
 refused), by a thread that runs ahead of the checks, with the kernel's copy. The check then
 reads the copy, mapped into memory, not the upload: what is hashed and checked is exactly
 what is kept, and no buffer has to wait for a write to finish before the next file is read.
+An input under 1 MiB is read into memory instead, and written to ``state_dir`` from there
+only if no blob holds its bytes yet: for a small file, creating a copy costs more than the
+read, and in a build of many models most inputs are unchanged.
 
 When most of an input's bytes are its large constants, that same file is also the data shard
 of those constants in the version being built: it is hard-linked into ``variables/`` (copied
@@ -39,6 +42,8 @@ SHARD_SHARE = 0.5
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOTSUP}
 #: How many inputs are copied ahead of the one being checked.
 _AHEAD = 2
+#: Inputs below this size are read into memory rather than copied file to file.
+_READ_BELOW = 1 << 20
 # Linux copies at most about 2 GiB per copy_file_range call.
 _COPY_CHUNK = 1 << 30
 
@@ -59,6 +64,8 @@ class _Input:
     suffix: str
     pending: PendingFile | None
     source: Path
+    #: Read into memory (a small input): written to the state folder only if it is new.
+    in_memory: bool = False
 
 
 class Writer:
@@ -70,7 +77,7 @@ class Writer:
         self._data = bundle.DataWriter(self._prefix)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfmerge-writer")
         self._sync = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfmerge-sync")
-        self._copies: dict[Path, Future[PendingFile]] = {}
+        self._copies: dict[Path, Future[PendingFile | bytearray]] = {}
         self._queued: list[Path] = []
         self._max_bytes = 0
         self._jobs: list[Future[None]] = []
@@ -102,9 +109,14 @@ class Writer:
             if path not in self._copies:
                 self._copies[path] = self._pool.submit(self._copy_in, path, self._max_bytes)
 
-    def _copy_in(self, path: Path, max_bytes: int) -> PendingFile:
+    def _copy_in(self, path: Path, max_bytes: int) -> PendingFile | bytearray:
         source = open_input(path, max_bytes)
         try:
+            size = os.fstat(source).st_size
+            if size < _READ_BELOW:
+                # Creating a file costs more than reading a small one, and an unchanged input
+                # (most of them, in a build of many models) needs no new copy at all.
+                return _read_all(source, size)
             pending = self._store.start_blob()
             try:
                 _copy(source, pending.fd)
@@ -131,7 +143,10 @@ class Writer:
                 self._copies[path] = self._pool.submit(self._copy_in, path, max_bytes)
             copy = self._copies.pop(path)
             self._copy_ahead()
-            pending = copy.result()
+            copied = copy.result()
+            if isinstance(copied, bytearray):
+                return self._open_read(memoryview(copied), path, relpath, None, in_memory=True)
+            pending = copied
             fd = pending.fd
         try:
             data = _mapped(fd)
@@ -142,6 +157,17 @@ class Writer:
         finally:
             if pending is None:
                 os.close(fd)
+        return self._open_read(data, path, relpath, pending)
+
+    def _open_read(
+        self,
+        data: memoryview,
+        path: Path,
+        relpath: str,
+        pending: PendingFile | None,
+        *,
+        in_memory: bool = False,
+    ) -> reading.GraphRead:
         try:
             read = reading.open_graph(data, relpath, self._scratch_for(len(data)))
         except BaseException:
@@ -149,7 +175,8 @@ class Writer:
                 pending.discard()
             raise
         suffix = ".pbtxt" if relpath.endswith(".pbtxt") else ".pb"
-        self._open[id(read)] = _Input(suffix, pending, path if pending is None else pending.path)
+        source = path if pending is None else pending.path
+        self._open[id(read)] = _Input(suffix, pending, source, in_memory)
         return read
 
     def _scratch_for(self, file_size: int) -> memoryview:
@@ -205,14 +232,24 @@ class Writer:
             )
         self._entries[sha256] = entries
         del self._open[id(read)]
-        if opened.pending is not None and self._store.has_blob(sha256, opened.suffix, len(data)):
+        fresh = opened.pending is not None or opened.in_memory
+        if fresh and self._store.has_blob(sha256, opened.suffix, len(data)):
             # Kept already (an unchanged input): versions share that one file.
-            opened.pending.discard()
+            if opened.pending is not None:
+                opened.pending.discard()
             opened = _Input(opened.suffix, None, self._store.blob_path(sha256, opened.suffix))
         job = self._pool.submit(self._keep, opened, sha256, data, shard)
         self._jobs.append(job)
 
     def _keep(self, opened: _Input, sha256: str, data: memoryview, shard: Shard | None) -> None:
+        if opened.in_memory:
+            copy = self._store.start_blob()
+            try:
+                write_all(copy.fd, data)
+            except BaseException:
+                copy.discard()
+                raise
+            opened = _Input(opened.suffix, copy, copy.path)
         pending = opened.pending
         try:
             if shard is not None:
@@ -296,7 +333,9 @@ class Writer:
         self._pool.shutdown(wait=True, cancel_futures=True)
         for copy in self._copies.values():
             if not copy.cancelled() and copy.exception() is None:
-                copy.result().discard()
+                copied = copy.result()
+                if isinstance(copied, PendingFile):
+                    copied.discard()
         self._copies.clear()
         for opened in self._open.values():
             if opened.pending is not None:
@@ -322,6 +361,21 @@ def _copy(source: int, target: int) -> None:
             raise
         while os.sendfile(target, source, None, _COPY_CHUNK):
             pass
+
+
+def _read_all(fd: int, size: int) -> bytearray:
+    """The file's bytes (those there are, should it shrink while it is read)."""
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    done = 0
+    while done < size:
+        count = os.readv(fd, [view[done:]])
+        if not count:
+            break
+        done += count
+    del view
+    del buffer[done:]
+    return buffer
 
 
 def _mapped(fd: int) -> memoryview:

@@ -111,6 +111,18 @@ def test_the_plan_shares_calls_only_where_no_feed_reaches_another_signature(
     assert groups == [["a", "serving_default", "b"], ["a_again"], ["a_hidden"]]
 
 
+def test_the_graphs_of_one_call_add_up_to_a_bounded_size() -> None:
+    big = verify.CALL_BYTES // 2 + 1
+    calls = [
+        verify._Call(name, {"y": f"{name}/y:0"}, {f"{name}/x:0": np.zeros(1)}, size)
+        for name, size in (("a", big), ("b", big), ("c", 10), ("d", 3 * verify.CALL_BYTES))
+    ]
+
+    groups = [[call.signature for call in group] for group in verify.plan_calls(calls)]
+
+    assert groups == [["a"], ["b", "c"], ["d"]]
+
+
 def test_a_signature_failing_in_a_shared_call_is_named_alone(
     published: tuple[Path, dict[str, Any]],
 ) -> None:

@@ -136,7 +136,9 @@ def _run_build(
     timings["merge"] = round(time.monotonic() - merge_started, 4)
 
     verify_started = time.monotonic()
-    mismatches = verify.verify(staging, feeds, expected)
+    sizes = {c.model.signature: c.model.size for c in checked}
+    sizes.update({alias: sizes[target] for alias, target in aliases.items()})
+    mismatches = verify.verify(staging, feeds, expected, sizes)
     timings["verify"] = round(time.monotonic() - verify_started, 4)
     if mismatches:
         for mismatch in mismatches:

@@ -38,6 +38,13 @@ class _Call:
     signature: str
     fetches: dict[str, str]
     feeds: dict[str, np.ndarray] = field(default_factory=dict)
+    #: The size of its source graph file: a proxy for what running it holds in memory.
+    size: int = 0
+
+
+#: The source graphs of one shared call add up to at most this many bytes (one larger graph
+#: runs alone): the graphs of a call run at once, and their intermediate values add up.
+CALL_BYTES = 512 << 20
 
 
 def outputs_equal(expected: np.ndarray, actual: np.ndarray) -> str | None:
@@ -99,7 +106,19 @@ def plan_calls(calls: Sequence[_Call]) -> list[list[_Call]]:
         while len(layers) <= layer:
             layers.append([])
         layers[layer].append(call)
-    return layers + alone
+    return [group for layer in layers for group in _by_size(layer)] + alone
+
+
+def _by_size(layer: list[_Call]) -> list[list[_Call]]:
+    groups: list[list[_Call]] = [[]]
+    total = 0
+    for call in layer:
+        if groups[-1] and total + call.size > CALL_BYTES:
+            groups.append([])
+            total = 0
+        groups[-1].append(call)
+        total += call.size
+    return groups
 
 
 def _run_group(session: capi.Session, group: Sequence[_Call]) -> dict[str, dict[str, np.ndarray]]:
@@ -121,9 +140,13 @@ def _run_group(session: capi.Session, group: Sequence[_Call]) -> dict[str, dict[
 
 
 def load_and_run(
-    export_dir: Path, feeds: Mapping[str, Mapping[str, np.ndarray]]
+    export_dir: Path,
+    feeds: Mapping[str, Mapping[str, np.ndarray]],
+    sizes: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
     """Load export_dir and run each named signature on its feeds (keyed by input key).
+
+    ``sizes`` are the signatures' source file sizes, to keep a call's graphs within CALL_BYTES.
 
     Returns the outputs of the signatures that ran and, for the others, why they failed.
     A group whose call fails is run again one signature at a time, so that each failure is
@@ -146,8 +169,8 @@ def load_and_run(
                 failures[name] = f"the SavedModel's signature has no input {missing}"
                 continue
             fetches = {key: info.name for key, info in signature.outputs.items()}
-            call = _Call(name, fetches, {signature.inputs[k].name: v for k, v in values.items()})
-            calls.append(call)
+            inputs = {signature.inputs[k].name: v for k, v in values.items()}
+            calls.append(_Call(name, fetches, inputs, (sizes or {}).get(name, 0)))
         for group in plan_calls(calls):
             try:
                 results.update(_run_group(model.session, group))
@@ -166,11 +189,12 @@ def verify(
     export_dir: Path,
     feeds: Mapping[str, Mapping[str, np.ndarray]],
     expected: Mapping[str, Mapping[str, np.ndarray]],
+    sizes: Mapping[str, int] | None = None,
 ) -> list[Mismatch]:
     """Every way the SavedModel in export_dir differs from what its sources computed."""
 
     try:
-        actual, failures = load_and_run(export_dir, feeds)
+        actual, failures = load_and_run(export_dir, feeds, sizes)
     except (capi.TFError, ValueError, OSError) as exc:
         return [Mismatch("*", f"the SavedModel does not load: {exc}")]
     mismatches = [Mismatch(name, f"fails to run: {why}") for name, why in failures.items()]

@@ -46,7 +46,14 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
     for tool in ("tfmerge", "naive"):
         out[f"{tool}_load"] = {
             key: _loaded(result, tool, key)
-            for key in ("load_seconds", "peak_rss", "first_requests_seconds", "one_call_seconds")
+            for key in (
+                "load_seconds",
+                "load_cpu_seconds",
+                "peak_rss",
+                "first_requests_seconds",
+                "first_requests_no_grappler_seconds",
+                "one_call_seconds",
+            )
         }
     reused = [r["rebuild"].get("stats", {}).get("checks_reused") for r in result["runs"]]
     out["reused"] = _median([r for r in reused if r is not None])
@@ -167,6 +174,7 @@ def render(results: dict[str, Any], plot_name: str) -> str:
     sets = {name: summary(r) for name, r in results["sets"].items()}
     many = sorted((s for n, s in sets.items() if n != "REAL"), key=lambda s: s["count"])
     machine = results["machine"]
+    load_end = machine.get("load_end", machine["load_start"])[0]
     lines = [
         START,
         "## Many models, real architectures, and the server's side",
@@ -175,7 +183,7 @@ def render(results: dict[str, Any], plot_name: str) -> str:
             f"""Measured with `.venv/bin/{results["command"]}` on {machine["date"]},
             {results["runs"]} runs per set, medians; tfmerge and the naive merge take turns to
             go first. Load average (1 min) {machine["load_start"][0]:.2f} at the start and
-            {machine["load_end"][0]:.2f} at the end: the host is shared, and the 1-minute load
+            {load_end:.2f} at the end: the host is shared, and the 1-minute load
             as each run began is in the tables. The many-models sets are bench/manyset.py's: N
             distinct frozen graphs of about 110 KiB (MLPs and small conv nets, every model
             declared in the config), the set of N being the first N models of the largest. REAL
@@ -289,21 +297,68 @@ def _serving(many: list[dict[str, Any]]) -> list[str]:
             does); then every signature in one call."""
         ),
         "",
-        (
-            "| N | tool | load (s) | peak RSS (MiB) | first request of every signature (s) "
-            "| all in one call (s) |"
-        ),
-        "|---:|---|---:|---:|---:|---:|",
+        _SERVING_HEADER,
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in loaded:
         for tool in ("tfmerge", "naive"):
             load = s[f"{tool}_load"]
+            first = load["first_requests_seconds"]
             lines.append(
                 f"| {s['count']:,} | {tool} | {_s(load['load_seconds'])} "
-                f"| {_mib(load['peak_rss'])} | {_s(load['first_requests_seconds'])} "
+                f"| {_s(load['load_cpu_seconds'])} "
+                f"| {_ms(load['load_cpu_seconds'], s['count'])} | {_mib(load['peak_rss'])} "
+                f"| {_s(first)} | {_ms(first, s['count'])} "
+                f"| {_ms(load.get('first_requests_no_grappler_seconds'), s['count'])} "
                 f"| {_s(load['one_call_seconds'])} |"
             )
+    first, last = loaded[0], loaded[-1]
+    per_first = _ratio(first["tfmerge_load"]["first_requests_seconds"], first["count"])
+    per_last = _ratio(last["tfmerge_load"]["first_requests_seconds"], last["count"])
+    load_growth = _x(
+        _ratio(last["tfmerge_load"]["load_cpu_seconds"], first["tfmerge_load"]["load_cpu_seconds"])
+    )
+    rss_growth = _x(_ratio(last["tfmerge_load"]["peak_rss"], first["tfmerge_load"]["peak_rss"]))
+    lines += [
+        "",
+        _para(
+            f"""From N = {first["count"]:,} to N = {last["count"]:,} ({
+                last["count"] // first["count"]
+            }x the
+            models) the load's CPU time grows {load_growth} and its peak memory {
+                rss_growth
+            }: the graph is
+            read, converted and imported once, whatever it holds. The first request of each
+            signature grows otherwise: its cost per signature grows {
+                _x(_ratio(per_last, per_first))
+            }, so that warming up every signature costs in proportion to the square
+            of their number. The reason is TensorFlow's session, not the layout of the version
+            (the naive merge's version behaves the same): a session builds one executor per
+            distinct set of feeds and fetches, and for each it copies the whole graph, prunes
+            the copy to what the call needs and, under the default options TensorFlow Serving
+            uses, runs Grappler over it, whose passes see the whole graph. Every signature's
+            first request (or warmup record) therefore pays for all the models of the version.
+            Most of it is Grappler's: with it off (`disable_meta_optimizer`, which TensorFlow
+            Serving takes in the `session_config` of its `--platform_config_file`, at the price
+            of Grappler's optimisations for every request) a first request costs what the
+            "without Grappler" column shows, the copy and prune that remain. One call for every
+            signature (a MultiInference request) pays for the whole graph once."""
+        ),
+    ]
     return lines
+
+
+_SERVING_HEADER = " | ".join(
+    (
+        "| N", "tool", "load (s)", "load CPU (s)", "load CPU per model (ms)", "peak RSS (MiB)",
+        "first request of every signature (s)", "per signature (ms)",
+        "per signature, without Grappler (ms)", "all in one call (s) |",
+    )
+)  # fmt: skip
+
+
+def _ms(seconds: float | None, count: int) -> str:
+    return "—" if seconds is None else f"{1000 * seconds / count:.1f}"
 
 
 def _live(results: dict[str, Any]) -> list[str]:

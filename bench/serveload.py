@@ -52,6 +52,13 @@ def measure(version: Path) -> dict[str, Any]:
         model.run_together(feeds)
         report["one_call_seconds"] = time.perf_counter() - started
     report["peak_rss"] = _status_kib("VmHWM") * 1024
+    # The same first requests with Grappler off: what of their cost is Grappler's.
+    with capi.SavedModel(version, capi.config_proto(grappler=False)) as model:
+        started, cpu = time.perf_counter(), _cpu()
+        for name, values in feeds.items():
+            model.run(name, values)
+        report["first_requests_no_grappler_seconds"] = time.perf_counter() - started
+        report["first_requests_no_grappler_cpu_seconds"] = _cpu() - cpu
     return report
 
 

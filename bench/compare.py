@@ -36,6 +36,8 @@ class ToolRun:
     error: str | None = None
     durations: dict[str, float] = field(default_factory=dict)
     checked: dict[str, Any] | None = None
+    #: CPU seconds of the whole command (bench.launch.Measured.cpu_seconds).
+    cpu_seconds: float | None = None
 
 
 def _last_json(text: str) -> dict[str, Any]:
@@ -128,6 +130,7 @@ def naive(model_set: ModelSet, work: Path) -> tuple[ToolRun, Path]:
             report.get("build_seconds"),
             error,
             {k: v for k, v in report.items() if k.endswith("_seconds")},
+            cpu_seconds=run.cpu_seconds,
         ),
         export,
     )

@@ -27,6 +27,9 @@ class Measured:
     returncode: int
     stdout: str
     stderr: str
+    #: User and system CPU of the child and of the descendants it waited for: what the work
+    #: cost, whatever else the host was running meanwhile.
+    cpu_seconds: float = 0.0
 
 
 class CommandFailed(Exception):
@@ -73,7 +76,8 @@ def measure(
         err_file.seek(0)
         stdout = out_file.read().decode(errors="replace")
         stderr = err_file.read().decode(errors="replace")
-    measured = Measured(wall, usage.ru_maxrss * 1024, process.returncode, stdout, stderr)
+    cpu = usage.ru_utime + usage.ru_stime
+    measured = Measured(wall, usage.ru_maxrss * 1024, process.returncode, stdout, stderr, cpu)
     if check and measured.returncode != 0:
         raise CommandFailed(command, measured)
     return measured

@@ -65,6 +65,7 @@ def _tfmerge(config: Path) -> dict[str, Any]:
     version = event.get("version")
     report: dict[str, Any] = {
         "command_seconds": run.wall_seconds,
+        "cpu_seconds": run.cpu_seconds,
         "peak_rss": run.peak_rss_bytes,
         "ok": run.returncode == 0 and event.get("outcome") == "published",
         "durations": event.get("durations", {}),
@@ -121,8 +122,9 @@ def run_many(model_set: ModelSet, runs: int, loads: bool) -> dict[str, Any]:
                 entry["checked"] = compare.check_published(model_set, Path(full["version"]))
             if loads and index == 0 and full["ok"]:
                 entry["tfmerge_load"] = _serve_load(full["version"])
-            manyset.change_one(project / "frozen", changed, salt=index)
-            entry["rebuild"] = _tfmerge(config)
+            if model_set.spec.kind == "many":
+                manyset.change_one(project / "frozen", changed, salt=index)
+                entry["rebuild"] = _tfmerge(config)
             shutil.rmtree(project, ignore_errors=True)
         result["runs"].append(entry)
         _log(f"  {model_set.spec.name} run {index + 1}/{runs}: " + _summary(entry))
@@ -132,7 +134,9 @@ def run_many(model_set: ModelSet, runs: int, loads: bool) -> dict[str, Any]:
 def _summary(entry: dict[str, Any]) -> str:
     parts = []
     for key in ("tfmerge", "rebuild", "naive"):
-        run = entry.get(key) or {}
+        if key not in entry:
+            continue
+        run = entry[key]
         step = run.get("build_seconds")
         parts.append(
             f"{key} {run.get('command_seconds', 0):.2f} s"

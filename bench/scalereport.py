@@ -27,7 +27,7 @@ def _median(values: Sequence[float | None]) -> float | None:
 
 
 def _runs(result: dict[str, Any], tool: str, key: str) -> float | None:
-    return _median([r[tool][key] for r in result["runs"] if tool in r and r[tool].get("ok")])
+    return _median([r[tool].get(key) for r in result["runs"] if tool in r and r[tool].get("ok")])
 
 
 def _loaded(result: dict[str, Any], tool: str, key: str) -> float | None:
@@ -39,6 +39,7 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
     for tool in ("tfmerge", "rebuild", "naive"):
         out[tool] = {
             "command": _runs(result, tool, "command_seconds"),
+            "cpu": _runs(result, tool, "cpu_seconds"),
             "step": _runs(result, tool, "build_seconds"),
             "rss": _runs(result, tool, "peak_rss"),
             "ok": sum(bool(r.get(tool, {}).get("ok")) for r in result["runs"]),
@@ -135,9 +136,9 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
 
 _HEADER = " | ".join(
     (
-        "| N", "load", "tfmerge whole", "tfmerge step", "rebuild whole", "rebuild step",
-        "rebuild / step", "checks reused", "naive whole", "naive step",
-        "naive / tfmerge (whole)", "published = sources |",
+        "| N", "load", "tfmerge whole", "tfmerge step", "tfmerge CPU", "rebuild whole",
+        "rebuild step", "rebuild / step", "checks reused", "naive whole", "naive step",
+        "naive CPU", "naive / tfmerge (whole)", "published = sources |",
     )
 )  # fmt: skip
 
@@ -205,15 +206,18 @@ def render(results: dict[str, Any], plot_name: str) -> str:
         "",
         _para(
             """A full build starts from an empty state folder. The rebuild follows it with one
-            model replaced by one of other weights (same interface), the state kept: every other
-            model's check is reused from `state_dir/verdicts`, and the merged model is still
-            loaded and every signature run. The naive merge has no state: a change means a full
-            merge, so its full build is its rebuild. Times in seconds; *step* is the build step
-            (after the TensorFlow import), *whole* the command."""
+            model replaced by one of other weights (same interface), the state kept:
+            every other model's check is reused from `state_dir/verdicts`, and the
+            merged model is still loaded and every signature run. The naive merge
+            has no state: a change means a full merge, so its full build is its
+            rebuild. Times in seconds; *step* is the build step (after the
+            TensorFlow import), *whole* the command, *CPU* the user and system CPU
+            time of the whole command (its processes' threads together; unlike wall
+            time, hardly changed by what else the host runs)."""
         ),
         "",
         _HEADER,
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for s in [*many, *([sets["REAL"]] if "REAL" in sets else [])]:
         checked = s["checked"]
@@ -221,11 +225,13 @@ def render(results: dict[str, Any], plot_name: str) -> str:
         label = "REAL" if s is sets.get("REAL") else f"{s['count']:,}"
         lines.append(
             f"| {label} | {_s(s['load'])} | {_s(s['tfmerge']['command'])} "
-            f"| {_s(s['tfmerge']['step'])} | {_s(s['rebuild']['command'])} "
+            f"| {_s(s['tfmerge']['step'])} | {_s(s['tfmerge']['cpu'])} "
+            f"| {_s(s['rebuild']['command'])} "
             f"| {_s(s['rebuild']['step'])} "
             f"| {_x(_ratio(s['rebuild']['step'], s['tfmerge']['step']))} "
             f"| {'—' if s['reused'] is None else int(s['reused'])} "
             f"| {_s(s['naive']['command'])} | {_s(s['naive']['step'])} "
+            f"| {_s(s['naive']['cpu'])} "
             f"| {_x(_ratio(s['naive']['command'], s['tfmerge']['command']))} | {equal} |"
         )
     lines += ["", *_growth(many), "", *_serving(many), "", *_live(results), END]
@@ -260,6 +266,10 @@ def _growth(many: list[dict[str, Any]]) -> list[str]:
         (
             f"| one-model rebuild step | {per_model(lambda s: s['rebuild']['step'])} "
             f"| {per_model(lambda s: s['naive']['step'])} (a full merge) |"
+        ),
+        (
+            f"| whole command, CPU time | {per_model(lambda s: s['tfmerge']['cpu'])} "
+            f"| {per_model(lambda s: s['naive']['cpu'])} |"
         ),
         (
             f"| whole command | {per_model(lambda s: s['tfmerge']['command'])} "

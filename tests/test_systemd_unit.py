@@ -24,6 +24,7 @@ import stat
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
@@ -48,6 +49,11 @@ needs_systemd_analyze = pytest.mark.skipif(
 
 FROZEN_DIR = "/srv/tfmerge/frozen"
 SERVING_DIR = "/srv/tfmerge/serving"
+STATE_DIR = "/srv/tfmerge/state"
+# The unit's one writable path: versions hard-link the inputs kept in the state folder, and a
+# hard link cannot cross the mount each ReadWritePaths= entry is inside the unit.
+WRITABLE_ROOT = "/srv/tfmerge"
+SAMPLE_CONFIG = REPO / "config" / "etc" / "tfmerge.toml"
 MAX_EXPOSURE = 2.0
 # What the unit leaves exposed on purpose, each with the reason (systemd/README.md says the same).
 ACCEPTED_EXPOSURES = {
@@ -209,11 +215,14 @@ def test_daemon_contract_directives() -> None:
     assert str(exitcodes.CONFIG) in prevent
     assert single("Service", "KillMode") == "mixed"
     assert single("Service", "OOMPolicy") == "continue"
-    assert single("Service", "StateDirectory") == "tfmerge"
+    assert values("Service", "StateDirectory") == []
     assert single("Service", "UMask") == "0022"
     assert single("Service", "User") == single("Service", "Group") == "tfmerge"
     read_write = " ".join(values("Service", "ReadWritePaths")).split()
-    assert sorted(read_write) == [FROZEN_DIR, SERVING_DIR]
+    assert read_write == [WRITABLE_ROOT]
+    sample = tomllib.loads(SAMPLE_CONFIG.read_text())
+    folders = [sample[key] for key in ("frozen_dir", "serving_dir", "state_dir")]
+    assert folders == [FROZEN_DIR, SERVING_DIR, STATE_DIR]
     assert single("Service", "ProtectSystem") == "strict"
 
 
@@ -254,11 +263,12 @@ def test_every_directive_says_why() -> None:
 def test_unit_sysusers_and_tmpfiles_agree() -> None:
     user_line = _entries(SYSUSERS)
     assert [fields[:2] for fields in user_line] == [["u", single("Service", "User")]]
-    assert user_line[0][4] == "/var/lib/" + single("Service", "StateDirectory")
+    assert user_line[0][4] == STATE_DIR
     owned = {fields[1]: fields for fields in _entries(TMPFILES)}
-    for path in (FROZEN_DIR, SERVING_DIR):
+    for path in (FROZEN_DIR, SERVING_DIR, STATE_DIR):
         assert owned[path][3:5] == ["tfmerge", "tfmerge"]
-    assert " ".join(values("Unit", "RequiresMountsFor")).split() == [FROZEN_DIR, SERVING_DIR]
+    mounts = " ".join(values("Unit", "RequiresMountsFor")).split()
+    assert mounts == [FROZEN_DIR, SERVING_DIR, STATE_DIR]
 
 
 def _entries(path: Path) -> list[list[str]]:
@@ -288,7 +298,7 @@ def test_sysusers_and_tmpfiles_build_the_layout(tmp_path: Path) -> None:
     }
     _, _, uid, gid, _, home, shell = passwd["tfmerge"]
     assert int(uid) < 1000, "a system user"
-    assert (home, shell) == ("/var/lib/tfmerge", "/usr/sbin/nologin")
+    assert (home, shell) == (STATE_DIR, "/usr/sbin/nologin")
     group = {
         line.split(":")[0]: line.split(":")
         for line in (root / "etc/group").read_text().splitlines()
@@ -302,6 +312,7 @@ def test_sysusers_and_tmpfiles_build_the_layout(tmp_path: Path) -> None:
         "srv/tfmerge": (0o755, 0, 0),
         "srv/tfmerge/frozen": (stat.S_ISGID | 0o770, int(uid), int(gid)),
         "srv/tfmerge/serving": (0o755, int(uid), int(gid)),
+        "srv/tfmerge/state": (0o750, int(uid), int(gid)),
     }
     for relative, (mode, owner, owner_group) in expected.items():
         info = (root / relative).stat()
@@ -522,19 +533,22 @@ def _sandbox_spec(probes_path: Path) -> dict[str, Any]:
     }
 
 
-# ProtectSystem=strict with ReadWritePaths=: every mount read-only but the writable folder.
-# ProcSubset=pid with ProtectProc=invisible: a /proc of its own. Then no capabilities.
+# ProtectSystem=strict with ReadWritePaths=: each writable path a bind mount of its own
+# (space-separated in $1), every other mount read-only. ProcSubset=pid with
+# ProtectProc=invisible: a /proc of its own. Then no capabilities.
 _MOUNTS_SCRIPT = r"""
 read_write="$1"; shift
 if [ "$PROC_SUBSET" = pid ]; then
     mount -t proc -o subset=pid,hidepid=invisible proc /proc
 fi
-mount --bind "$read_write" "$read_write"
+for path in $read_write; do mount --bind "$path" "$path"; done
 findmnt --raw --noheadings --output TARGET | sort -r | while read -r target; do
-    case "$target" in
-        /proc|/proc/*|/sys|/sys/*|/dev|/dev/*|"$read_write"|"$read_write"/*) ;;
-        *) mount -o remount,bind,ro "$target" ;;
-    esac
+    keep=
+    for path in $read_write; do
+        case "$target" in "$path"|"$path"/*) keep=1 ;; esac
+    done
+    case "$target" in /proc|/proc/*|/sys|/sys/*|/dev|/dev/*) keep=1 ;; esac
+    [ -n "$keep" ] || mount -o remount,bind,ro "$target"
 done
 exec setpriv --no-new-privs --bounding-set=-all --inh-caps=-all "$@"
 """
@@ -551,7 +565,7 @@ def _sandbox_environment(state_dir: Path, tmp_dir: Path) -> dict[str, str]:
         key, _, value = assignment.partition("=")
         env[key] = value
     env.update(_python_path())
-    env["HOME"] = str(state_dir)  # the service user's home is its StateDirectory=
+    env["HOME"] = str(state_dir)  # the service user's home is the state folder (sysusers)
     env["TMPDIR"] = str(tmp_dir)  # PrivateTmp=: scratch space of its own
     env["PROC_SUBSET"] = single("Service", "ProcSubset")
     return env
@@ -596,16 +610,28 @@ def _wait_for_version(process: subprocess.Popen[bytes], version: Path, log: Path
 )
 @pytest.mark.timeout(400)
 def test_the_daemon_runs_inside_the_unit_sandbox(tmp_path: Path) -> None:
-    """`tfmerge run` publishes a merged conv net (and hyaudio) under the unit's restrictions."""
-    conv = tmp_path / "conv.pb"
-    freeze = "import sys, test_systemd_unit as t; t._write_conv_net(sys.argv[1])"
-    made = run([sys.executable, "-c", freeze, str(conv)], env={**os.environ, **_python_path()})
+    """`tfmerge run` publishes a merged conv net (and hyaudio) under the unit's restrictions,
+    in the shipped layout, where versions link the inputs their constants are read from."""
+    conv, big = tmp_path / "conv.pb", tmp_path / "big.pb"
+    freeze = (
+        "import sys, pathlib, graphgen, test_systemd_unit as t; t._write_conv_net(sys.argv[1]);"
+        " graphgen.write_big_dense(pathlib.Path(sys.argv[2]), target_bytes=3 << 20)"
+    )
+    made = run(
+        [sys.executable, "-c", freeze, str(conv), str(big)], env={**os.environ, **_python_path()}
+    )
     assert made.returncode == 0, made.stderr[-4000:]
 
-    writable = tmp_path / "writable"  # the unit's ReadWritePaths= and StateDirectory=
-    frozen, serving, state, scratch = (writable / n for n in ("frozen", "serving", "state", "tmp"))
+    # The unit's paths and the sample config's folders, under a root of this test's own.
+    root = tmp_path / "root"
+    sample = tomllib.loads(SAMPLE_CONFIG.read_text())
+    frozen, serving, state = (
+        root / sample[key].lstrip("/") for key in ("frozen_dir", "serving_dir", "state_dir")
+    )
+    scratch = tmp_path / "tmp"  # PrivateTmp=: a mount of its own too
     for directory in (frozen, serving, state, scratch):
         directory.mkdir(parents=True)
+    read_write = [root / p.lstrip("/") for p in values("Service", "ReadWritePaths")]
     config = tmp_path / "tfmerge.toml"  # outside: read-only to the daemon, like /etc
     config.write_text(
         f"frozen_dir = {str(frozen)!r}\nserving_dir = {str(serving)!r}\n"
@@ -624,7 +650,7 @@ def test_the_daemon_runs_inside_the_unit_sandbox(tmp_path: Path) -> None:
     daemon = [sys.executable, "-m", "tfmerge", "run", "-c", str(config)]
     command = [
         *("unshare", "--mount", "--propagation", "private", "--"),
-        *("sh", "-euc", _MOUNTS_SCRIPT, "sh", str(writable)),
+        *("sh", "-euc", _MOUNTS_SCRIPT, "sh", " ".join(map(str, [*read_write, scratch]))),
         *(sys.executable, "-c", launch, str(spec), *daemon),
     ]
     log = tmp_path / "daemon.log"
@@ -634,6 +660,7 @@ def test_the_daemon_runs_inside_the_unit_sandbox(tmp_path: Path) -> None:
     try:
         _receive(receiver, messages, "READY=1", process, 120)
         shutil.copyfile(conv, frozen / "conv.pb")
+        shutil.copyfile(big, frozen / "big.pb")
         if HYAUDIO.is_file():
             shutil.copyfile(HYAUDIO, frozen / "hyaudio.pb")
         _wait_for_version(process, serving / "1", log)
@@ -654,7 +681,11 @@ def test_the_daemon_runs_inside_the_unit_sandbox(tmp_path: Path) -> None:
         "write_venv": "EROFS",  # ProtectSystem=strict
         "proc_cpuinfo": "hidden",  # ProcSubset=pid
     }
-    signatures = publish.read_manifest(serving / "1").get("signatures", {})
-    assert sorted(signatures) == (["conv", "hyaudio"] if HYAUDIO.is_file() else ["conv"])
+    recorded = publish.read_manifest(serving / "1")
+    expected = ["big", "conv", "hyaudio"] if HYAUDIO.is_file() else ["big", "conv"]
+    assert sorted(recorded.get("signatures", {})) == expected
+    # big.pb is its own constants' data file: hard-linked from the state folder, not copied.
+    assert recorded["stats"]["inputs_linked"] >= 1
+    assert recorded["stats"]["inputs_copied"] == 0
     events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     assert [e["event"] for e in events if e.get("level") == "error"] == []

@@ -149,7 +149,7 @@ _STEPS = (
     ("tfmerge.build.bundle", "write_index", "merge: write the variables index"),
     ("tfmerge.build.merge", "_write_chunks", "merge: write saved_model.pb"),
     ("tfmerge.build.verify", "verify", "verify: load and run every signature"),
-    ("tfmerge.build.capi", "load_saved_model", "verify: the C++ SavedModel loader"),
+    ("tfmerge.build.loader", "load_saved_model", "verify: the C++ SavedModel loader"),
     ("tfmerge.build.verify", "_run_group", "verify: one shared session call"),
     ("tfmerge.build.warmup", "write", "write the warmup requests"),
     ("tfmerge.build.run", "_write_manifest", "write the manifest"),

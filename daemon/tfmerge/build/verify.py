@@ -1,7 +1,7 @@
 """Load a merged SavedModel the way TensorFlow Serving does and compare it with its sources.
 
 Worker side. The loader is TensorFlow's C++ SavedModel loader, the one TensorFlow Serving runs
-(capi.load_saved_model): it restores the variables and runs the init op. Every signature is
+(loader.load_saved_model): it restores the variables and runs the init op. Every signature is
 looked up by name in the MetaGraphDef it returns and run on the probe input its source graph
 already answered. Outputs must be identical: same dtype, same shape, same bytes (NaN equal to
 NaN). Identical kernels on identical inputs give identical results, so no tolerance is applied.
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from tfmerge.build import capi
+from tfmerge.build import capi, loader
 from tfmerge.build.probe import check_session_config
 
 
@@ -154,7 +154,7 @@ def load_and_run(
     """
     results: dict[str, dict[str, np.ndarray]] = {}
     failures: dict[str, str] = {}
-    model = capi.load_saved_model(
+    model = loader.load_saved_model(
         str(export_dir), ["serve"], check_session_config().SerializeToString()
     )
     try:

@@ -1,11 +1,11 @@
-"""TensorFlow's C API through ctypes: graphs, sessions and the C++ SavedModel loader. Worker side.
+"""TensorFlow's C API through ctypes: graphs, sessions and tensors. Worker side.
 
 Why not the Python ``tf.Graph`` and ``Session``: importing a graph there creates a Python
 object for every node, and the Python SavedModel loader parses ``saved_model.pb`` twice and
 imports its graph node by node in Python. For a few hundred small models those costs are most
 of a build. The C API does the same work in C++: ``TF_GraphImportGraphDef`` is the importer
 ``import_graph_def`` calls, ``TF_SessionRun`` the run ``Session.run`` calls, and
-``TF_LoadSessionFromSavedModel`` the C++ loader TensorFlow Serving runs. The library is the
+``TF_LoadSessionFromSavedModel`` (build/loader.py) the C++ loader TensorFlow Serving runs. The library is the
 one TensorFlow's Python package loads (``libtensorflow_cc.so.2``), so the kernels and their
 results are the same as through ``tf.compat.v1.Session``.
 

@@ -5,9 +5,9 @@ object for every node, and the Python SavedModel loader parses ``saved_model.pb`
 imports its graph node by node in Python. For a few hundred small models those costs are most
 of a build. The C API does the same work in C++: ``TF_GraphImportGraphDef`` is the importer
 ``import_graph_def`` calls, ``TF_SessionRun`` the run ``Session.run`` calls, and
-``TF_LoadSessionFromSavedModel`` (build/loader.py) the C++ loader TensorFlow Serving runs. The library is the
-one TensorFlow's Python package loads (``libtensorflow_cc.so.2``), so the kernels and their
-results are the same as through ``tf.compat.v1.Session``.
+``TF_LoadSessionFromSavedModel`` (build/loader.py) the C++ loader TensorFlow Serving runs.
+The library is the one TensorFlow's Python package loads (``libtensorflow_cc.so.2``), so the
+kernels and their results are the same as through ``tf.compat.v1.Session``.
 
 Feeds are numpy arrays: aligned ones are handed to TensorFlow without a copy (a large
 constant's bytes, fed to its source graph), others are copied once. Fetched values are copied

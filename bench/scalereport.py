@@ -56,7 +56,7 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
                 "one_call_seconds",
             )
         }
-    reused = [r["rebuild"].get("stats", {}).get("checks_reused") for r in result["runs"]]
+    reused = [r.get("rebuild", {}).get("stats", {}).get("checks_reused") for r in result["runs"]]
     out["reused"] = _median([r for r in reused if r is not None])
     out["load"] = _median([r["load"] for r in result["runs"]])
     checked = [r["checked"] for r in result["runs"] if "checked" in r]

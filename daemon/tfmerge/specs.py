@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tfmerge.config import Config, ModelDecl, Problem, parse_models
+from tfmerge.config import Config, ModelDecl, Problem, parse_models, signature_problem
 from tfmerge.inputs import MODEL_SUFFIXES as _SUFFIXES
 from tfmerge.inputs import SIDECAR_SUFFIX, is_input_path, size_problem
 from tfmerge.models import ModelSpec, Rejection
@@ -150,8 +150,20 @@ def resolve(config: Config) -> Resolution:
         for rel in graph_files:
             if rel in declared_files:
                 continue
-            by_signature.setdefault(discovered_signature(rel), []).append(
-                ModelDecl(discovered_signature(rel), rel, {}, {}, origin="discovered")
+            signature = discovered_signature(rel)
+            unlistable = signature_problem(signature)
+            if unlistable is not None:
+                rejections.append(
+                    Rejection(
+                        "bad_name",
+                        f"its signature would be its path without the suffix, {signature!r}, "
+                        f"which {unlistable}: rename the file, or declare it under another name",
+                        rel,
+                    )
+                )
+                continue
+            by_signature.setdefault(signature, []).append(
+                ModelDecl(signature, rel, {}, {}, origin="discovered")
             )
 
     specs: list[ModelSpec] = []

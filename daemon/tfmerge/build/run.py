@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tfmerge import __version__
-from tfmerge.build import merge, tfcore, verify, warmup
+from tfmerge.build import merge, scopes, tfcore, verify, warmup
 from tfmerge.build.check import Checked, check_kept, check_specs, release_memory
 from tfmerge.build.writer import Writer
 from tfmerge.config import Config
@@ -210,6 +210,7 @@ def _aliases(config: Config, models: Sequence[AcceptedModel]) -> dict[str, str]:
 def _units(checked: Sequence[Checked], writer: Writer) -> list[merge.GraphUnit]:
     """One unit per distinct graph content: a graph several signatures use is stored once."""
     units: dict[str, merge.GraphUnit] = {}
+    scope_of = scopes.assign(item.model.signature for item in checked)
     for item in checked:
         spec = merge.SignatureSpec(item.model.signature, item.inputs, item.outputs)
         unit = units.get(item.model.sha256)
@@ -219,7 +220,7 @@ def _units(checked: Sequence[Checked], writer: Writer) -> list[merge.GraphUnit]:
                 graph_def=item.graph_def,
                 constants=writer.entries(item.model.sha256),
                 relpath=item.model.relpath,
-                scope=merge.scope_for(item.model.signature),
+                scope=scope_of[item.model.signature],
                 init_nodes=item.init_nodes,
                 signatures=[spec],
             )

@@ -113,7 +113,7 @@ class Daemon:
             self.log.warning("notify_unusable", reason=self.notifier.unusable_reason)
         self.config.frozen_dir.mkdir(parents=True, exist_ok=True)
         self.config.serving_dir.mkdir(parents=True, exist_ok=True)
-        for name in publish.remove_stale_staging(self.config.serving_dir):
+        for name in publish.remove_stale_staging(self.config.serving_dir, self.config.state_dir):
             self.log.info("staging_removed", path=str(self.config.serving_dir / name))
         self._start_watcher()
         if self.metrics is not None and self.config.metrics.listen:
@@ -421,7 +421,7 @@ class Daemon:
         if self._warm is not None:
             self._warm.stop()
             self._warm = None
-        for name in publish.remove_stale_staging(self.config.serving_dir):
+        for name in publish.remove_stale_staging(self.config.serving_dir, self.config.state_dir):
             self.log.info("staging_removed", path=str(self.config.serving_dir / name))
         self.notifier.close()
 

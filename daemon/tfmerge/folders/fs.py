@@ -219,6 +219,21 @@ class PendingFile:
         self.path.unlink(missing_ok=True)
 
 
+def lock_folder(path: Path) -> int:
+    """Lock a folder (flock on a descriptor of it) for as long as the descriptor is open.
+
+    Raises BlockingIOError when another open descriptor holds it. The lock follows the folder
+    through a rename, and the kernel drops it when its holder dies, however it dies.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 @contextlib.contextmanager
 def publish_lock(state_dir: Path) -> Iterator[None]:
     """Serialise publishes of the daemon and of ``tfmerge rollback`` / ``tfmerge build``."""

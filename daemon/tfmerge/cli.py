@@ -16,6 +16,7 @@ from tfmerge.config import Config, ConfigError
 from tfmerge.config import load as load_config
 from tfmerge.daemon import pipeline
 from tfmerge.folders import publish
+from tfmerge.folders.errors import config_folders, folder_failure
 from tfmerge.folders.state import Store
 from tfmerge.logs import get_logger
 
@@ -97,7 +98,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rollback": lambda: _rollback(config, args.to),
         "smoke": lambda: _smoke(config, args),
     }
-    return commands[args.command]()
+    try:
+        return commands[args.command]()
+    except (OSError, publish.ForeignVersion) as exc:
+        return _folder_problem(exc, config)
+
+
+def _folder_problem(exc: OSError | publish.ForeignVersion, config: Config) -> int:
+    """One named event and an exit code for a folder only a person can put right."""
+    if isinstance(exc, publish.ForeignVersion):
+        get_logger().error(exc.event, reason=str(exc), **exc.fields())
+        return exitcodes.FAILED
+    failed = folder_failure(exc, config_folders(config))
+    if failed is None:
+        raise exc
+    get_logger().error(failed.event, **failed.fields())
+    return exitcodes.FOLDER
 
 
 def _run(config: Config) -> int:

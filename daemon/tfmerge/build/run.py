@@ -19,6 +19,7 @@ from tfmerge.build import merge, scopes, tfcore, verify, warmup
 from tfmerge.build.check import Checked, check_kept, check_specs, release_memory
 from tfmerge.build.writer import Writer
 from tfmerge.config import Config
+from tfmerge.folders.fs import naming
 from tfmerge.folders.publish import MANIFEST
 from tfmerge.folders.state import Store
 from tfmerge.logs import bound_context, get_logger
@@ -56,6 +57,10 @@ def run_build(
                 newest_fingerprint=newest_fingerprint,
                 raw_fingerprint=raw_fingerprint,
             )
+    except OSError as exc:
+        # Reads name their file; a write that names none is one into the version being built.
+        naming(exc, staging)
+        raise
     finally:
         writer.close()
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tfmerge.build import bundle, reading
 from tfmerge.build.variables import VARIABLES_PREFIX
-from tfmerge.folders.fs import PendingFile, write_all
+from tfmerge.folders.fs import PendingFile, naming, write_all
 from tfmerge.folders.state import Store
 from tfmerge.inputs import open_input
 from tfmerge.models import LargeConstant, ModelRejected
@@ -108,6 +108,9 @@ class Writer:
             pending = self._store.start_blob()
             try:
                 _copy(source, pending.fd)
+            except OSError as exc:
+                pending.discard()
+                raise naming(exc, pending.path) from None
             except BaseException:
                 pending.discard()
                 raise

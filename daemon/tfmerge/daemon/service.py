@@ -31,6 +31,7 @@ from tfmerge.daemon.notify import Notifier
 from tfmerge.daemon.watch import FolderWatcher
 from tfmerge.daemon.worker import BuildAborted, Worker, WorkerError, drain, make_request
 from tfmerge.folders import publish
+from tfmerge.folders.errors import config_folders, folder_failure
 from tfmerge.folders.fs import AlreadyRunning, InstanceLock
 from tfmerge.folders.state import Store
 from tfmerge.logs import get_logger
@@ -113,6 +114,9 @@ class Daemon:
             self.log.warning("notify_unusable", reason=self.notifier.unusable_reason)
         self.config.frozen_dir.mkdir(parents=True, exist_ok=True)
         self.config.serving_dir.mkdir(parents=True, exist_ok=True)
+        # A serving_dir the daemon cannot write ends it here, with the folder's event and an
+        # exit status systemd does not restart on, rather than failing every build.
+        publish.check_writable(self.config.serving_dir)
         for name in publish.remove_stale_staging(self.config.serving_dir, self.config.state_dir):
             self.log.info("staging_removed", path=str(self.config.serving_dir / name))
         self._start_watcher()
@@ -282,7 +286,12 @@ class Daemon:
         if isinstance(exc, BuildAborted):
             self.log.warning("build_aborted", reason="the daemon is stopping")
             return
-        if isinstance(exc, WorkerError):
+        failed = folder_failure(exc, config_folders(self.config))
+        if failed is not None:
+            self.log.error(failed.event, **failed.fields())
+        elif isinstance(exc, publish.ForeignVersion):
+            self.log.error(exc.event, reason=str(exc), **exc.fields())
+        elif isinstance(exc, WorkerError):
             events = {"timeout": "worker_timeout", "crashed": "worker_crashed"}
             self.log.error(
                 events.get(exc.kind, "build_error"), reason=str(exc), transient=exc.transient
@@ -421,8 +430,18 @@ class Daemon:
         if self._warm is not None:
             self._warm.stop()
             self._warm = None
-        for name in publish.remove_stale_staging(self.config.serving_dir, self.config.state_dir):
-            self.log.info("staging_removed", path=str(self.config.serving_dir / name))
+        try:
+            for name in publish.remove_stale_staging(
+                self.config.serving_dir, self.config.state_dir
+            ):
+                self.log.info("staging_removed", path=str(self.config.serving_dir / name))
+        except OSError as exc:
+            # Stopping goes on; the next start or build sweeps again.
+            failed = folder_failure(exc, config_folders(self.config))
+            self.log.warning(
+                failed.event if failed else "publish_failed",
+                **(failed.fields() if failed else {"reason": str(exc), "errno": exc.errno}),
+            )
         self.notifier.close()
 
     def close(self) -> None:

@@ -160,6 +160,13 @@ def clear_staging(staging: Path) -> None:
             child.unlink()
 
 
+def check_writable(serving_dir: Path) -> None:
+    """Raise the OSError a publish would meet in a read-only serving_dir, before any build."""
+    probe = staging_path(serving_dir, f"probe-{os.getpid()}")
+    probe.mkdir()
+    probe.rmdir()
+
+
 def remove_stale_staging(serving_dir: Path, state_dir: Path) -> list[str]:
     """Remove the staging folders of builds that were stopped or killed (only ever ours).
 

@@ -56,6 +56,8 @@ class Rejection:
     reason: str
     file: str | None = None
     signature: str | None = None
+    #: True when these bytes were refused before and not checked again (tfmerge.limits).
+    remembered: bool | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -64,10 +66,11 @@ class Rejection:
 class ModelRejected(Exception):
     """A model refused by a check: a short code (docs/events.md) and a reason to act on."""
 
-    def __init__(self, code: str, reason: str) -> None:
+    def __init__(self, code: str, reason: str, *, remembered: bool = False) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
+        self.remembered = remembered
 
 
 @dataclass(frozen=True)

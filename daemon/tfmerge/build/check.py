@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from tfmerge import oppolicy
-from tfmerge.build import constants, probe, reading, signatures
+from tfmerge.build import attribution, budget, constants, reading, signatures, staticcheck
 from tfmerge.build.writer import Writer
 from tfmerge.config import Config
 from tfmerge.folders.state import Store
@@ -55,12 +55,16 @@ def check_model(
     kept copy already), which is kept once it passes, its large constants going into the
     version being built. With a sha256, the file must have those very bytes (a kept copy).
     """
+    attribution.reading_file(spec, path, config, kept=kept)
     if writer is None:
         read = reading.read_graph(path, spec.relpath, config.max_model_bytes)
     else:
         read = writer.read(path, spec.relpath, config.max_model_bytes, kept=kept)
     try:
-        return _check_read(spec, read, config, kept=kept, writer=writer, sha256=sha256)
+        with attribution.checking(
+            spec, config, read, kept=kept, remember=writer is not None
+        ) as checking:
+            return _check_read(spec, read, config, checking, writer=writer, sha256=sha256)
     except BaseException:
         if writer is not None:
             writer.reject(read)
@@ -71,15 +75,18 @@ def _check_read(
     spec: ModelSpec,
     read: reading.GraphRead,
     config: Config,
+    checking: attribution.Checking,
     *,
-    kept: bool,
     writer: Writer | None,
     sha256: str | None,
 ) -> Checked:
+    kept = checking.kept
     if sha256 is not None and read.sha256 != sha256:
         raise ModelRejected("damaged", "the kept copy in the state folder is damaged")
     sha256, size = read.sha256, len(read.data)
     oppolicy.check_ops(read.graph_def, config.allow_ops)
+    checking.step("import")
+    staticcheck.check_library(read.graph_def)
     light, large = constants.split_large_constants(read.graph_def, read.payloads, read.offsets)
     # From here on only the light graph and the constants' arrays (views of read.data) remain.
     read.graph_def = None
@@ -102,21 +109,10 @@ def _check_read(
             get_logger().debug(
                 "input_not_placeholder", signature=spec.signature, input=key, tensor=sig.name
             )
-    feeds = probe.probe_inputs(spec.signature, input_sigs, spec.sample)
-    try:
-        expected = probe.run_graph(
-            graph,
-            init_nodes,
-            {input_sigs[k].name: v for k, v in feeds.items()}
-            | {f"{c.name}:0": c.value for c in large},
-            {k: s.name for k, s in output_sigs.items()},
-        )
-    except Exception as exc:  # any kernel error on the probe input, whatever its type
-        raise ModelRejected(
-            "source_failed",
-            f"the source graph fails on the probe input ({type(exc).__name__}: "
-            f"{getattr(exc, 'message', exc)}); add a `sample` to its declaration",
-        ) from exc
+    checking.step("probe")
+    feeds, expected = budget.probe_run(
+        spec, graph, light, init_nodes, input_sigs, output_sigs, large, checking.limits
+    )
     del graph
     if writer is not None:
         writer.accept(read, large)
@@ -149,7 +145,9 @@ def check_specs(
                 spec, config.frozen_dir / spec.relpath, config, kept=False, writer=writer
             )
         except ModelRejected as exc:
-            rejection = Rejection(exc.code, exc.reason, spec.relpath, spec.signature)
+            rejection = Rejection(
+                exc.code, exc.reason, spec.relpath, spec.signature, exc.remembered or None
+            )
             get_logger().error("model_rejected", **rejection.as_dict())
             yield rejection
         finally:

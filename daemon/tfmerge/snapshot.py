@@ -186,18 +186,17 @@ def _check_identity(opened: Opened, taken: int) -> None:
     before = opened.identity
     after = Identity.of(os.fstat(opened.fd))
     now = opened.current()
-    problem = _change(before, after, taken)
-    if problem is None and now != before:
-        # Renamed over (rsync), removed, or swapped for a link while it was read.
-        changed = None if now is None else _change(before, now, None)
-        problem = f"at its path, {changed}" if changed else "its path names no regular file now"
+    if now is None:
+        problem: str | None = "its path names no regular file now (removed, or a link)"
+    elif (now.dev, now.ino) != (before.dev, before.ino):
+        problem = "another file replaced it at its path (a rename over it)"
+    else:
+        problem = _change(before, after, taken) or _change(before, now, None)
     if problem is not None:
         raise ModelRejected("changed_while_read", f"the file changed while it was read: {problem}")
 
 
 def _change(before: Identity, after: Identity, taken: int | None) -> str | None:
-    if (before.dev, before.ino) != (after.dev, after.ino):
-        return "another file replaced it (another inode)"
     if after.size != before.size or (taken is not None and taken != before.size):
         read = "" if taken is None else f", {taken} read"
         return f"size {before.size} -> {after.size}{read}"

@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tfmerge import __version__
+from tfmerge import __version__, snapshot
 from tfmerge.build import merge, tfcore, verify, warmup
 from tfmerge.build.check import Checked, check_kept, check_specs, log_rejection, release_memory
 from tfmerge.build.writer import Writer
@@ -40,6 +40,9 @@ def run_build(
     newest_fingerprint: str | None = None,
     raw_fingerprint: str | None = None,
 ) -> BuildResult:
+    # Inputs are copied under read leases by the writer's thread; only the main thread can keep
+    # a lease break's SIGIO from ending the process (the worker did so already at its start).
+    snapshot.ignore_lease_breaks()
     writer = Writer(staging, Store(config.state_dir), config.frozen_dir)
     # Copied into the state folder by the writer's thread while the ones before are checked.
     writer.prefetch([spec.relpath for spec in resolution.specs], config.max_model_bytes)

@@ -382,3 +382,54 @@ def test_a_sidecar_still_being_written_keeps_its_model(tmp_path: Path, frozen: P
     assert resolution.refused_files == {"m.pb"}
     assert resolution.specs == ()
     assert [s.signature for s in specs.resolve(config).specs] == ["m"]
+
+
+MOUNTS_SCRIPT = """
+set -e
+cd "$1"
+mkdir layer upper work frozen
+mount -t tmpfs tmpfs layer
+echo graph > layer/layer.pb
+# frozen_dir on an overlay whose layers are on two file systems: its files do not have the
+# overlay's st_dev, yet they are inside it.
+mount -t overlay overlay -o lowerdir=layer,upperdir=upper,workdir=work frozen
+mkdir frozen/mounted
+mount -t tmpfs tmpfs frozen/mounted
+echo other > frozen/mounted/inner.pb
+"$2" -c '
+import os
+from pathlib import Path
+from tfmerge.inputs import FrozenDir
+from tfmerge.models import ModelRejected
+print(os.stat("frozen").st_dev != os.stat("frozen/layer.pb").st_dev)
+with FrozenDir(Path("frozen")) as root:
+    for relpath in ("layer.pb", "mounted/inner.pb"):
+        try:
+            root.open(relpath, 100).close()
+            print("ok")
+        except ModelRejected as exc:
+            print(exc.code)
+'
+"""
+
+
+def test_a_mount_inside_frozen_dir_is_refused_and_an_overlay_is_not(tmp_path: Path) -> None:
+    """Compared by mount, not st_dev: an overlay's files may have the st_dev of a layer."""
+    probe = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "true"], capture_output=True, check=False
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"no mount namespace for this test (unshare: {probe.stderr.decode()[:200]})")
+    result = subprocess.run(
+        [
+            *("unshare", "-m", "--propagation", "private", "sh", "-c", MOUNTS_SCRIPT, "sh"),
+            str(tmp_path),
+            sys.executable,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "ok", "path_escapes"]

@@ -128,12 +128,15 @@ class FrozenDir:
         self.root = root
         self._fd = -1
         self._error: OSError | None = None
+        self.dev = -1
+        self.mount: int | None = None
         try:
             self._fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             self.dev = os.fstat(self._fd).st_dev
         except OSError as exc:
             self._error = exc
-            self.dev = -1
+        else:
+            self.mount = _mount_id(self._fd)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -184,6 +187,7 @@ class FrozenDir:
         try:
             st = os.fstat(fd)
             self._check_status(relpath, st, max_bytes)
+            self._check_mount(fd, st)
         except OSError as exc:
             os.close(fd)
             raise ModelRejected("unreadable", f"cannot read: {exc.strerror or exc}") from exc
@@ -195,11 +199,20 @@ class FrozenDir:
     def _check_status(self, relpath: str, st: os.stat_result, max_bytes: int | None) -> None:
         if stat.S_ISLNK(st.st_mode):
             raise self._symlink_refusal(relpath)
-        if stat.S_ISREG(st.st_mode) and st.st_dev != self.dev:
+        _require_regular(st, max_bytes)
+
+    def _check_mount(self, fd: int, st: os.stat_result) -> None:
+        """Refuse a file of another mount than frozen_dir's (one mounted inside it).
+
+        Compared by mount id where /proc tells it: a file's st_dev is not its mount's on an
+        overlayfs whose layers are on several file systems, nor in a btrfs subvolume.
+        """
+        mount = _mount_id(fd) if self.mount is not None else None
+        same = mount == self.mount if mount is not None else st.st_dev == self.dev
+        if not same:
             raise ModelRejected(
                 "path_escapes", "is on another file system than frozen_dir (a mount inside it)"
             )
-        _require_regular(st, max_bytes)
 
     def _parent(self, relpath: str) -> tuple[int, str]:
         """A descriptor of relpath's folder (the caller closes it unless it is the root's)."""
@@ -300,6 +313,18 @@ def open_kept(path: Path, max_bytes: int) -> int:
         os.close(fd)
         raise ModelRejected(*problem)
     return fd
+
+
+def _mount_id(fd: int) -> int | None:
+    """The id of the mount an open file is on (``mnt_id`` in /proc/self/fdinfo), or None."""
+    try:
+        text = Path(f"/proc/self/fdinfo/{fd}").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("mnt_id:"):
+            return int(line.split()[1])
+    return None
 
 
 def _require_regular(st: os.stat_result, max_bytes: int | None) -> None:

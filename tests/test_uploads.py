@@ -346,6 +346,7 @@ def test_a_path_swapped_after_resolution_is_refused_never_followed(
     monkeypatch.undo()
 
     assert swapped == ["a"]
+    assert one(events, "build_started")["models"] == 4  # z.pb was resolved as a regular file
     assert code_ == exitcodes.FAILED
     rejected = one(events, "model_rejected")
     assert (rejected["code"], rejected["file"], rejected["signature"]) == (code, "z.pb", "z")

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tfmerge import __version__, exitcodes, logs
+from tfmerge import __version__, exitcodes, logs, snapshot
 from tfmerge.config import Config, ConfigError
 from tfmerge.config import load as load_config
 from tfmerge.daemon import pipeline
@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Inputs are read under read leases, whose break would otherwise end this process.
+    snapshot.ignore_lease_breaks()
     args = _parser().parse_args(argv)
     if args.command == "inspect":
         logs.configure(fmt="auto", stream=sys.stderr)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from tfmerge import oppolicy
 
 GiB = 1024**3
+MiB = 1024**2
 _TENSOR_NAME = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\-/>]*(:\d+)?$")
 _OP_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LOG_FORMATS = ("auto", "json", "console")
@@ -38,6 +39,9 @@ def signature_problem(name: str) -> str | None:
             "comma-separated"
         )
     return None
+
+
+_SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,10 @@ class ModelDecl:
     origin: str = "config"
     #: This model's own [check] settings (key -> value), over those of the config.
     limits: Mapping[str, float] | None = None
+    #: The sha256 the graph's bytes must have (lowercase hex), or None.
+    sha256: str | None = None
+    #: Accept a change of the signature's interface that would break its clients.
+    allow_interface_change: bool = False
 
 
 @dataclass(frozen=True)
@@ -141,6 +149,10 @@ class Config:
     state_dir: Path
     discover: bool = True
     max_model_bytes: int = 2 * GiB
+    #: The largest sidecar or digest file read; a larger one is refused unread.
+    max_sidecar_bytes: int = MiB
+    #: Accept every change of a signature's interface that would break its clients.
+    allow_interface_change: bool = False
     keep_versions: int = 5
     allow_ops: tuple[str, ...] = ()
     models: tuple[ModelDecl, ...] = ()
@@ -264,6 +276,10 @@ def parse_models(raw: Any, prefix: str, origin: str, problems: list[Problem]) ->
         frozen = table.string("frozen", required=origin == "config")
         inputs = _string_map(table, "inputs", required=True)
         outputs = _string_map(table, "outputs", required=True)
+        sha256 = table.string("sha256")
+        if sha256 is not None and not _SHA256_HEX.match(sha256):
+            table.problem("sha256", f"expected 64 hexadecimal digits, got {sha256!r}")
+        allow_change = table.boolean("allow_interface_change", False)
         sample = table.take("sample")
         if sample is not None and not isinstance(sample, dict):
             table.problem("sample", "expected a table of input key = value (nested arrays)")
@@ -283,6 +299,8 @@ def parse_models(raw: Any, prefix: str, origin: str, problems: list[Problem]) ->
                     sample=sample,
                     origin=f"{origin} {where}",
                     limits=limits,
+                    sha256=sha256.lower() if sha256 else None,
+                    allow_interface_change=allow_change,
                 )
             )
     return models
@@ -354,6 +372,8 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     state_dir = _path(top, "state_dir", None, base)
     discover = top.boolean("discover", True)
     max_model_bytes = top.number("max_model_bytes", 2 * GiB, minimum=1, integer=True)
+    max_sidecar_bytes = top.number("max_sidecar_bytes", MiB, minimum=1, integer=True)
+    allow_interface_change = top.boolean("allow_interface_change", False)
     keep_versions = top.number("keep_versions", 5, minimum=2, integer=True)
     allow_ops = top.take("allow_ops", [])
     if not isinstance(allow_ops, list) or not all(
@@ -414,6 +434,8 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         state_dir=state_dir,
         discover=discover,
         max_model_bytes=max_model_bytes,
+        max_sidecar_bytes=max_sidecar_bytes,
+        allow_interface_change=allow_interface_change,
         keep_versions=keep_versions,
         allow_ops=tuple(sorted(set(allow_ops))),
         models=tuple(models),

@@ -68,7 +68,7 @@ def checking(
             _raise_remembered(store, key)
         yield model
     except ModelRejected as exc:
-        new = not exc.remembered and exc.code in limits.REMEMBERED_CODES
+        new = not exc.details.get("remembered") and exc.code in limits.REMEMBERED_CODES
         if store is not None and key is not None and new:
             rejection = Rejection(exc.code, exc.reason, spec.relpath, spec.signature)
             store.record_verdict(key, limits.verdict_record(rejection, read.sha256, _build_id()))

@@ -21,6 +21,8 @@ from tfmerge.build import attribution, budget, constants, reading, signatures, s
 from tfmerge.build.writer import Writer
 from tfmerge.config import Config
 from tfmerge.folders.state import Store
+from tfmerge.inputs import FrozenDir
+from tfmerge.interface import check_interface
 from tfmerge.logs import get_logger
 from tfmerge.models import AcceptedModel, ModelRejected, ModelSpec, Rejection, TensorSig
 from tfmerge.specs import resolve
@@ -48,27 +50,56 @@ def check_model(
     kept: bool,
     writer: Writer | None = None,
     sha256: str | None = None,
+    previous: AcceptedModel | None = None,
 ) -> Checked:
     """Everything a model must pass before it may be merged; raises ModelRejected.
 
     With a writer, the input is checked from its copy in the state folder (unless it is a
     kept copy already), which is kept once it passes, its large constants going into the
-    version being built. With a sha256, the file must have those very bytes (a kept copy).
+    version being built. Without one, it is read from frozen_dir (``tfmerge check``). With a
+    sha256, the file must have those very bytes (a kept copy). ``previous`` is the model's
+    last accepted input, whose interface a new input may not break unannounced.
     """
     attribution.reading_file(spec, path, config, kept=kept)
-    if writer is None:
-        read = reading.read_graph(path, spec.relpath, config.max_model_bytes)
-    else:
-        read = writer.read(path, spec.relpath, config.max_model_bytes, kept=kept)
     try:
+        if writer is None:
+            with FrozenDir(config.frozen_dir) as frozen:
+                opened = frozen.open(spec.relpath, config.max_model_bytes)
+                read = reading.read_opened(opened, spec.relpath)
+        else:
+            read = writer.read(path, spec.relpath, config.max_model_bytes, kept=kept)
+    except ModelRejected as exc:
+        if exc.sha256 is not None and not kept:
+            # A torn upload often does not parse: its declared digest names the cause.
+            _check_digest(spec, exc.sha256)
+        raise
+    try:
+        if not kept:
+            _check_digest(spec, read.sha256)
         with attribution.checking(
             spec, config, read, kept=kept, remember=writer is not None
         ) as checking:
-            return _check_read(spec, read, config, checking, writer=writer, sha256=sha256)
+            return _check_read(
+                spec, read, config, checking, writer=writer, sha256=sha256, previous=previous
+            )
     except BaseException:
         if writer is not None:
             writer.reject(read)
         raise
+
+
+def _check_digest(spec: ModelSpec, sha256: str) -> None:
+    """Refuse bytes that are not the ones declared (digest file, or the entry's sha256)."""
+    for source, declared in spec.declared_sha256:
+        if sha256 != declared:
+            raise ModelRejected(
+                "digest_mismatch",
+                f"the file's sha256 is {sha256}, but {source} declares {declared}: an upload "
+                "that is incomplete, or not the file the digest was made for",
+                sha256=sha256,
+                declared_sha256=declared,
+                declared_by=source,
+            )
 
 
 def _check_read(
@@ -79,6 +110,7 @@ def _check_read(
     *,
     writer: Writer | None,
     sha256: str | None,
+    previous: AcceptedModel | None,
 ) -> Checked:
     kept = checking.kept
     if sha256 is not None and read.sha256 != sha256:
@@ -104,6 +136,12 @@ def _check_read(
         )
     input_sigs = {key: signatures.tensor_sig(graph, name) for key, name in inputs.items()}
     output_sigs = {key: signatures.tensor_sig(graph, name) for key, name in outputs.items()}
+    tensors = {
+        "inputs": {k: s.as_dict() for k, s in input_sigs.items()},
+        "outputs": {k: s.as_dict() for k, s in output_sigs.items()},
+    }
+    if not kept:
+        check_interface(spec, previous, tensors, allow_all=config.allow_interface_change)
     for key, sig in input_sigs.items():
         if graph.get_tensor_by_name(sig.name).op.type not in signatures.INPUT_OPS:
             get_logger().debug(
@@ -127,10 +165,7 @@ def _check_read(
         sample=spec.sample,
         origin=spec.origin,
         kept=kept,
-        tensors={
-            "inputs": {k: s.as_dict() for k, s in input_sigs.items()},
-            "outputs": {k: s.as_dict() for k, s in output_sigs.items()},
-        },
+        tensors=tensors,
     )
     return Checked(model, light, init_nodes, input_sigs, output_sigs, feeds, expected)
 
@@ -139,16 +174,22 @@ def check_specs(
     specs: Iterable[ModelSpec], config: Config, *, writer: Writer | None = None
 ) -> Iterator[Checked | Rejection]:
     """Check each model from frozen_dir, one at a time: what passed, or its logged refusal."""
+    accepted = Store(config.state_dir).accepted()
     for spec in specs:
         try:
             yield check_model(
-                spec, config.frozen_dir / spec.relpath, config, kept=False, writer=writer
+                spec,
+                config.frozen_dir / spec.relpath,
+                config,
+                kept=False,
+                writer=writer,
+                previous=accepted.get(spec.signature),
             )
         except ModelRejected as exc:
             rejection = Rejection(
-                exc.code, exc.reason, spec.relpath, spec.signature, exc.remembered or None
+                exc.code, exc.reason, spec.relpath, spec.signature, tuple(exc.details.items())
             )
-            get_logger().error("model_rejected", **rejection.as_dict())
+            log_rejection(rejection)
             yield rejection
         finally:
             release_memory()
@@ -165,8 +206,24 @@ def release_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
-def check_kept(signature: str, store: Store, config: Config, writer: Writer) -> Checked | None:
-    """The last accepted input of a signature whose current input was refused, checked again."""
+def log_rejection(rejection: Rejection) -> None:
+    """A refusal's ``model_rejected`` line: a warning for a file not at rest, which is built
+    once it is, an error for a bad input."""
+    log = get_logger()
+    (log.warning if rejection.unsettled else log.error)("model_rejected", **rejection.as_dict())
+
+
+def check_kept(
+    signature: str,
+    store: Store,
+    config: Config,
+    writer: Writer,
+    cause: Rejection | None = None,
+) -> Checked | None:
+    """The last accepted input of a signature whose current input was refused, checked again.
+
+    ``cause`` is the refusal that made it needed, named on the ``model_kept`` line.
+    """
     log = get_logger()
     previous = store.accepted().get(signature)
     if previous is None:
@@ -179,7 +236,14 @@ def check_kept(signature: str, store: Store, config: Config, writer: Writer) -> 
     except ModelRejected as exc:
         log.error("model_dropped", signature=signature, file=previous.relpath, reason=exc.reason)
         return None
-    log.warning("model_kept", signature=signature, file=previous.relpath, sha256=previous.sha256)
+    because = {} if cause is None else {"code": cause.code, "reason": cause.reason}
+    log.warning(
+        "model_kept",
+        signature=signature,
+        file=previous.relpath,
+        sha256=previous.sha256,
+        **because,
+    )
     return checked
 
 
@@ -188,7 +252,7 @@ def check_all(config: Config) -> list[Rejection]:
     log = get_logger()
     resolution = resolve(config)
     for rejection in resolution.rejections:
-        log.error("model_rejected", **rejection.as_dict())
+        log_rejection(rejection)
     rejections = list(resolution.rejections)
     accepted = []
     for item in check_specs(resolution.specs, config):

@@ -14,9 +14,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tfmerge import __version__
+from tfmerge import __version__, snapshot
 from tfmerge.build import merge, scopes, tfcore, verify, warmup
-from tfmerge.build.check import Checked, check_kept, check_specs, release_memory
+from tfmerge.build.check import Checked, check_kept, check_specs, log_rejection, release_memory
 from tfmerge.build.writer import Writer
 from tfmerge.config import Config
 from tfmerge.folders.fs import naming
@@ -41,11 +41,12 @@ def run_build(
     newest_fingerprint: str | None = None,
     raw_fingerprint: str | None = None,
 ) -> BuildResult:
-    writer = Writer(staging, Store(config.state_dir))
+    # Inputs are copied under read leases by the writer's thread; only the main thread can keep
+    # a lease break's SIGIO from ending the process (the worker did so already at its start).
+    snapshot.ignore_lease_breaks()
+    writer = Writer(staging, Store(config.state_dir), config.frozen_dir)
     # Copied into the state folder by the writer's thread while the ones before are checked.
-    writer.prefetch(
-        [config.frozen_dir / spec.relpath for spec in resolution.specs], config.max_model_bytes
-    )
+    writer.prefetch([spec.relpath for spec in resolution.specs], config.max_model_bytes)
     try:
         with bound_context(build_id=build_id):
             return _run_build(
@@ -80,7 +81,11 @@ def _run_build(
     checked, rejections = _check_inputs(config, resolution, writer)
     writer.finish()
     checked.sort(key=lambda c: c.model.signature)
-    if raw_fingerprint is None:
+    unsettled = tuple(sorted({r.file for r in rejections if r.unsettled and r.file}))
+    if unsettled:
+        # What is on disk now is not what was built: no start-up check may take it as built.
+        raw_fingerprint = None
+    elif raw_fingerprint is None:
         digests = {c.model.relpath: c.model.sha256 for c in checked if not c.model.kept}
         raw_fingerprint = raw_fingerprint_of(config, resolution, digests)
     check_seconds = time.monotonic() - started
@@ -96,6 +101,7 @@ def _run_build(
             tuple(rejections),
             timings=timings,
             raw_fingerprint=raw_fingerprint,
+            unsettled=unsettled,
         )
     digest = fingerprint(
         ({**spec_key(c.model.spec()), "sha256": c.model.sha256} for c in checked), config
@@ -110,6 +116,7 @@ def _run_build(
             tuple(rejections),
             timings=timings,
             raw_fingerprint=raw_fingerprint,
+            unsettled=unsettled,
         )
 
     merge_started = time.monotonic()
@@ -141,6 +148,7 @@ def _run_build(
             tuple((m.signature, m.reason) for m in mismatches),
             timings,
             raw_fingerprint=raw_fingerprint,
+            unsettled=unsettled,
         )
     warmup_records = warmup.write(staging, config.serving.model_name, feeds, aliases)
     stats_record = {
@@ -164,6 +172,7 @@ def _run_build(
         timings,
         asdict(stats),
         raw_fingerprint=raw_fingerprint,
+        unsettled=unsettled,
     )
 
 
@@ -174,27 +183,35 @@ def _check_inputs(
     store = Store(config.state_dir)
     rejections = list(resolution.rejections)
     for rejection in resolution.rejections:
-        get_logger().error("model_rejected", **rejection.as_dict())
+        log_rejection(rejection)
     checked: list[Checked] = []
-    fallbacks = set(resolution.refused_signatures)
+    # Each signature that falls back, with the refusal that made it (None: not known here).
+    causes: dict[str, Rejection | None] = {
+        r.signature: r for r in resolution.rejections if r.signature is not None
+    }
+    causes.update((name, None) for name in resolution.refused_signatures if name not in causes)
     current = {spec.signature for spec in resolution.specs}
-    fallbacks.update(
-        name
-        for name, model in store.accepted().items()
-        if model.relpath in resolution.refused_files and name not in current
-    )
+    for name, model in store.accepted().items():
+        if model.relpath in resolution.refused_files and name not in current:
+            causes[name] = _file_refusal(model.relpath, resolution.rejections)
     for item in check_specs(resolution.specs, config, writer=writer):
         if isinstance(item, Checked):
             checked.append(item)
             continue
         rejections.append(item)
         if item.signature is not None:
-            fallbacks.add(item.signature)
-    for signature in sorted(fallbacks):
-        kept = check_kept(signature, store, config, writer)
+            causes[item.signature] = item
+    for signature in sorted(causes):
+        kept = check_kept(signature, store, config, writer, causes[signature])
         if kept is not None:
             checked.append(kept)
     return checked, rejections
+
+
+def _file_refusal(graph: str, rejections: Sequence[Rejection]) -> Rejection | None:
+    """The refusal of the sidecar that declared graph (NAME.toml beside NAME.pb)."""
+    stem = graph.rsplit(".", 1)[0]
+    return next((r for r in rejections if r.file == f"{stem}.toml"), None)
 
 
 def _aliases(config: Config, models: Sequence[AcceptedModel]) -> dict[str, str]:

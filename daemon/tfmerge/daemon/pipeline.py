@@ -159,6 +159,15 @@ def _run_once(
         if settle_seconds is not None:
             durations["settle"] = round(settle_seconds, 4)
         durations["total"] = round(time.monotonic() - started, 4)
+        if result.unsettled:
+            # Files not at rest were not built as they are now: the next start must build.
+            raw = None
+            fields["unsettled"] = list(result.unsettled)
+            log.info(
+                "inputs_unsettled",
+                files=list(result.unsettled),
+                reason="still being written or changed while read; built again once at rest",
+            )
         store.record_last_build(
             {
                 "raw_fingerprint": raw or result.raw_fingerprint,

@@ -74,6 +74,7 @@ def _child_main(conn: Connection, log_format: str, log_level: str, supervisor: i
     # The supervisor handles SIGINT for the whole process group; a terminal's Ctrl-C must not
     # kill a build half-way before the supervisor decides what to do with it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGIO, signal.SIG_IGN)  # a lease break (tfmerge.snapshot) is polled
     _die_with_parent(supervisor)
     logs.configure(fmt=log_format, level=log_level)  # type: ignore[arg-type]
     from tfmerge.build.run import run_build

@@ -29,6 +29,13 @@ class Step:
     kept: bool = False
 
 
+def allowed(current: Step) -> float:
+    """How long the daemon lets a step run before it ends the worker: the step's own time
+    and half as much again, plus 2 s. A probe run's deadline inside the worker comes first
+    and refuses the model cleanly; this is for a kernel that ignores that deadline."""
+    return current.seconds * 1.5 + 2.0
+
+
 Sink = Callable[[Step | None], None]
 _sink: Sink | None = None
 

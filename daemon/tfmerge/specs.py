@@ -37,6 +37,8 @@ class Resolution:
     refused_signatures: frozenset[str] = field(default_factory=frozenset)
     #: Graph files whose sidecar was refused: whatever they served keeps its last good input.
     refused_files: frozenset[str] = field(default_factory=frozenset)
+    #: Signatures whose last accepted input ended a worker in this build: not checked again.
+    unkept: frozenset[str] = field(default_factory=frozenset)
 
 
 def input_files(frozen_dir: Path) -> tuple[list[str], list[str], list[str]]:

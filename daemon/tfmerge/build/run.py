@@ -201,7 +201,7 @@ def _check_inputs(
         rejections.append(item)
         if item.signature is not None:
             causes[item.signature] = item
-    for signature in sorted(causes):
+    for signature in sorted(causes.keys() - resolution.unkept):
         kept = check_kept(signature, store, config, writer, causes[signature])
         if kept is not None:
             checked.append(kept)

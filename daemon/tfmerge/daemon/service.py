@@ -24,12 +24,12 @@ import tenacity
 from tfmerge import exitcodes, logs, specs
 from tfmerge.config import Config, ConfigError
 from tfmerge.config import load as load_config
-from tfmerge.daemon import pipeline
+from tfmerge.daemon import isolate, pipeline
 from tfmerge.daemon.debounce import Change, Debouncer, Flush, StatKey
 from tfmerge.daemon.metrics import Metrics
 from tfmerge.daemon.notify import Notifier
 from tfmerge.daemon.watch import FolderWatcher
-from tfmerge.daemon.worker import BuildAborted, Worker, WorkerError, drain, make_request
+from tfmerge.daemon.worker import BuildAborted, Worker, WorkerError, drain
 from tfmerge.folders import publish
 from tfmerge.folders.errors import config_folders, folder_failure
 from tfmerge.folders.fs import AlreadyRunning, InstanceLock
@@ -286,7 +286,8 @@ class Daemon:
         if isinstance(exc, BuildAborted):
             self.log.warning("build_aborted", reason="the daemon is stopping")
             return
-        failed = folder_failure(exc, config_folders(self.config))
+        cause = exc.error if isinstance(exc, WorkerError) and exc.error is not None else exc
+        failed = folder_failure(cause, config_folders(self.config))
         if failed is not None:
             self.log.error(failed.event, **failed.fields())
         elif isinstance(exc, publish.ForeignVersion):
@@ -332,21 +333,21 @@ class Daemon:
         newest_fingerprint: str | None,
         raw_fingerprint: str | None,
     ) -> Any:
-        worker = self._warm if self._warm is not None and self._warm.alive() else Worker(config)
-        self._warm = None
-        request = make_request(
-            config, resolution, staging, build_id, newest_fingerprint, raw_fingerprint
-        )
+        first, self._warm = self._warm, None
         try:
-            return worker.run(
-                request,
-                timeout=config.worker.timeout_seconds,
+            return isolate.run_build(
+                config,
+                resolution,
+                staging,
+                build_id,
+                newest_fingerprint=newest_fingerprint,
+                raw_fingerprint=raw_fingerprint,
+                first=first,
                 wake_fd=self._wake_r,
                 should_abort=lambda: self.stopping,
                 on_wait=self._on_build_wait,
             )
         finally:
-            worker.stop()
             # A retry after a crash, like the next build, starts on a worker already warm.
             self._prepare_warm_worker()
 

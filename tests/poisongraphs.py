@@ -15,7 +15,11 @@ than the host has:
   only known when it runs;
 - `abort`: an Abort op, which ends the process with SIGABRT (allowed only with allow_ops);
 - `fifo_reader`: a ReadFile of a named pipe no one writes, one kernel that never returns
-  and ignores the run's deadline (allowed only with allow_ops).
+  and ignores the run's deadline (allowed only with allow_ops);
+- `list_growth`: a loop that grows a TensorList by 1 MiB a step, forever.
+
+And two sound models that meet tfmerge's limits and names: `big_intermediate`, which needs a
+large tensor, and `named_input`, whose node names are tfmerge's own.
 
 TensorFlow is imported inside the writers, as in graphgen.
 """
@@ -233,3 +237,59 @@ def fifo_reader(path: Path, fifo: Path) -> FrozenModel:
 
     _write(_graph_def(build), path)
     return FrozenModel(path, {"x": "x:0"}, {"y": "y:0"}, {"x": [1.0, 2.0]})
+
+
+def big_intermediate(path: Path, dims: tuple[int, ...]) -> FrozenModel:
+    """y = sum(fill(n * 0 + dims, x)): a sound model that needs a large intermediate tensor,
+    whose size is known only when it runs."""
+    import tensorflow as tf
+
+    def build() -> None:
+        x = tf.compat.v1.placeholder(tf.float32, [], name="x")
+        n = tf.compat.v1.placeholder(tf.int32, [len(dims)], name="n")
+        shape = tf.add(n * 0, tf.constant(list(dims), tf.int32), name="dims")
+        tf.reduce_sum(tf.fill(shape, x), name="y")
+
+    _write(_graph_def(build), path)
+    return FrozenModel(
+        path, {"x": "x:0", "n": "n:0"}, {"y": "y:0"}, {"x": 0.5, "n": [0] * len(dims)}
+    )
+
+
+def named_input(path: Path, name: str) -> FrozenModel:
+    """y = 2 * an input called name: a node name chosen to meet tfmerge's own."""
+    import tensorflow as tf
+
+    def build() -> None:
+        x = tf.compat.v1.placeholder(tf.float32, [None, 2], name=name)
+        tf.multiply(x, 2.0, name="y")
+
+    _write(_graph_def(build), path)
+    # Keyed by the input's name, as discovery keys it.
+    return FrozenModel(path, {name: f"{name}:0"}, {"y": "y:0"}, {name: [[1.0, 2.0]]})
+
+
+def list_growth(path: Path, elements: int = 262144) -> Path:
+    """while True: a new float32 tensor of `elements` (1 MiB) pushed onto a TensorList each
+    step; memory grows until something stops it."""
+    import tensorflow as tf
+
+    v1 = tf.compat.v1
+    was_v2 = v1.control_flow_v2_enabled()
+
+    def build() -> None:
+        x = v1.placeholder(tf.float32, [], name="x")
+        grown = tf.TensorArray(tf.float32, size=0, dynamic_size=True, element_shape=[elements])
+
+        def body(i: Any, grown: Any) -> tuple[Any, Any]:
+            return i + 1, grown.write(i, tf.fill([elements], x + tf.cast(i, tf.float32)))
+
+        _, grown = v1.while_loop(lambda i, g: tf.constant(True), body, [0, grown], name="grow")
+        tf.identity(grown.size(), name="y")
+
+    try:
+        v1.enable_control_flow_v2()
+        graph_def = _graph_def(build)
+    finally:
+        (v1.enable_control_flow_v2 if was_v2 else v1.disable_control_flow_v2)()
+    return _write(graph_def, path)

@@ -28,9 +28,11 @@ import numpy as np
 
 from tfmerge.build import probe, staticcheck, tfcore
 from tfmerge.limits import ModelLimits, human_bytes
+from tfmerge.logs import get_logger
 from tfmerge.models import LargeConstant, ModelRejected, ModelSpec, TensorSig
 
 _pools_started = False
+_limit_refused = False
 
 
 def _start_pools() -> None:
@@ -62,13 +64,22 @@ def data_in_use() -> int:
 @contextlib.contextmanager
 def memory(extra: int) -> Iterator[None]:
     """Let the process map at most ``extra`` more bytes than now, within the block."""
+    global _limit_refused  # noqa: PLW0603 - said once per process
     _start_pools()
     soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
     limit = data_in_use() + extra
     for outer in (soft, hard):
         if outer != resource.RLIM_INFINITY:
             limit = min(limit, outer)
-    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+    try:
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+    except OSError as exc:
+        # A seccomp filter that denies prlimit64: the probe runs with no window of its own.
+        if not _limit_refused:
+            _limit_refused = True
+            get_logger().warning("memory_window_unavailable", reason=str(exc))
+        yield
+        return
     try:
         yield
     finally:

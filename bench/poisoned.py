@@ -1,0 +1,153 @@
+"""Each poisoned graph next to a good one, under the real daemon with its default limits.
+
+    python -m bench.poisoned [--only NAME,...] [--json PATH]
+
+For each graph of tests/poisongraphs.py: a daemon is started on an empty frozen_dir and left
+to warm its worker; then the poisoned graph and a good model (a small dense classifier) are
+renamed into frozen_dir together. Measured: the time from that moment to the daemon's
+``version_published`` for the good model (the 2 s quiet period included), the build's own
+time (``build_started`` to ``version_published``), the peak resident memory (VmHWM) of every
+worker of that build, sampled every 20 ms, and how the poisoned graph was refused. The
+baseline is the good model alone. [check] is left at its defaults (120 s, 4 GiB, 1 GiB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.daemon import event_time, proc_status, start_daemon, wait_warm_worker, workers
+from bench.sets import ROOT, WORK, human_bytes
+
+sys.path.insert(0, str(ROOT / "tests"))
+
+import graphgen
+import poisongraphs as pg
+
+OUT = WORK / "poisoned"
+
+
+def _poisons(root: Path) -> dict[str, Callable[[Path], Any]]:
+    fifo = root / "never-written"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    return {
+        "huge_placeholder": pg.huge_placeholder,
+        "big_placeholder": pg.big_placeholder,
+        "recursion": pg.recursion,
+        "recursion_stateful": lambda p: pg.recursion(p, "StatefulPartitionedCall"),
+        "recursion_by_name": lambda p: pg.recursion(p, "direct"),
+        "deep_calls": lambda p: pg.deep_calls(p, 5000),
+        "while_true_v1": lambda p: pg.while_true(p, v2=False),
+        "while_true_v2": lambda p: pg.while_true(p, v2=True),
+        "splat_constant": pg.splat_constant,
+        "fill": pg.fill,
+        "fill_dynamic": pg.fill_dynamic,
+        "list_growth": pg.list_growth,
+        "abort": pg.abort,
+        "fifo_reader": lambda p: pg.fifo_reader(p, fifo),
+    }
+
+
+class PeakWatch:
+    """Samples VmHWM of the daemon's workers until stopped; keeps each one's last value."""
+
+    def __init__(self, daemon_pid: int) -> None:
+        self._pid = daemon_pid
+        self.peaks: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="peak-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for pid in workers(self._pid):
+                try:
+                    self.peaks[pid] = max(self.peaks.get(pid, 0), proc_status(pid)["VmHWM"])
+                except (OSError, KeyError):
+                    continue
+            self._stop.wait(0.02)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def measure(name: str, write: Callable[[Path], Any] | None, good: Path) -> dict[str, Any]:
+    project = OUT / name
+    shutil.rmtree(project, ignore_errors=True)
+    for folder in ("frozen", "serving", "state", "incoming"):
+        (project / folder).mkdir(parents=True)
+    config = project / "tfmerge.toml"
+    config.write_text(
+        'frozen_dir = "frozen"\nserving_dir = "serving"\nstate_dir = "state"\n'
+        'allow_ops = ["Abort", "ReadFile"]\n'
+        '[watch]\nquiet_seconds = 2.0\n[worker]\nwarm = true\n[log]\nformat = "json"\n'
+    )
+    files = {"good.pb": good}
+    if write is not None:
+        written = write(project / "incoming" / f"{name}.pb")
+        files[f"{name}.pb"] = written if isinstance(written, Path) else written.path
+    with start_daemon(config) as daemon:
+        daemon.wait_ready()
+        wait_warm_worker(daemon)
+        watch = PeakWatch(daemon.process.pid)
+        mark = daemon.mark()
+        dropped = time.time()
+        for target, source in files.items():
+            staged = project / "frozen" / f".{target}.upload"
+            shutil.copyfile(source, staged)
+            staged.rename(project / "frozen" / target)
+        published = daemon.wait_for("version_published", since=mark, timeout=900)
+        watch.stop()  # before the next warm worker starts
+        finished = daemon.wait_for("build_finished", since=mark, timeout=900)
+        events = daemon.events[mark:]
+    started = next(e for e in events if e.get("event") == "build_started")
+    refused = [e for e in events if e.get("event") == "model_rejected"]
+    return {
+        "graph": name,
+        "size": files.get(f"{name}.pb", good).stat().st_size if write else None,
+        "published": published["signatures"],
+        "to_version_seconds": round(event_time(published) - dropped, 2),
+        "build_seconds": round(event_time(published) - event_time(started), 2),
+        "workers": len(watch.peaks),
+        "worker_peak_bytes": max(watch.peaks.values(), default=0),
+        "refused": [(e.get("file"), e.get("code")) for e in refused],
+        "replaced": [e.get("reason") for e in events if e.get("event") == "worker_replaced"],
+        "outcome": finished["outcome"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="comma-separated graph names")
+    parser.add_argument("--json", type=Path, default=OUT / "results.json")
+    args = parser.parse_args(argv)
+    OUT.mkdir(parents=True, exist_ok=True)
+    good = graphgen.write_dense(OUT / "good.pb", seed=90, in_dim=6).path
+    poisons = _poisons(OUT)
+    chosen = [n.strip() for n in args.only.split(",") if n.strip()] or ["baseline", *poisons]
+    results = []
+    for name in chosen:
+        result = measure(name, poisons.get(name), good)
+        results.append(result)
+        print(
+            f"{name:20} {result['to_version_seconds']:7.2f} s to the version, build "
+            f"{result['build_seconds']:7.2f} s, {result['workers']} worker(s), peak "
+            f"{human_bytes(result['worker_peak_bytes'])}, {result['refused']}",
+            flush=True,
+        )
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

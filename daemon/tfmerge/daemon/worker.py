@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from tfmerge import logs
 from tfmerge.config import Config
+from tfmerge.daemon.wakeup import drain
 from tfmerge.specs import Resolution
 
 if TYPE_CHECKING:
@@ -60,7 +61,9 @@ class BuildAborted(Exception):
 
 
 @dataclass(frozen=True)
-class _Request:
+class BuildRequest:
+    """What a worker is asked to build: the arguments of ``tfmerge.build.run.run_build``."""
+
     config: Config
     resolution: Resolution
     staging: str
@@ -80,7 +83,7 @@ def _child_main(conn: Connection, log_format: str, log_level: str, supervisor: i
 
     conn.send(("ready", os.getpid()))
     try:
-        request: _Request = conn.recv()
+        request: BuildRequest = conn.recv()
     except EOFError:
         return
     try:
@@ -143,7 +146,7 @@ class Worker:
 
     def run(
         self,
-        request: _Request,
+        request: BuildRequest,
         *,
         timeout: float,
         wake_fd: int | None,
@@ -226,23 +229,3 @@ class Worker:
         else:
             self._process.join()
         self._conn.close()
-
-
-def drain(fd: int) -> None:
-    """Empty a non-blocking wake-up pipe."""
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass
-
-
-def make_request(
-    config: Config,
-    resolution: Resolution,
-    staging: Path,
-    build_id: str,
-    newest_fingerprint: str | None,
-    raw_fingerprint: str | None,
-) -> _Request:
-    return _Request(config, resolution, str(staging), build_id, newest_fingerprint, raw_fingerprint)

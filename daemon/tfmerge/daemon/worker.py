@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from tfmerge import logs
 from tfmerge.config import Config
+from tfmerge.daemon.output import OutputRelay
 from tfmerge.daemon.wakeup import drain
 from tfmerge.specs import Resolution
 
@@ -72,8 +73,13 @@ class BuildRequest:
     raw_fingerprint: str | None
 
 
-def _child_main(conn: Connection, log_format: str, log_level: str, supervisor: int) -> None:
+def _child_main(
+    conn: Connection, output: Connection, log_format: str, log_level: str, supervisor: int
+) -> None:
     """Entry point of the worker process."""
+    # Before TensorFlow loads: its C++ runtime writes to fd 2, which the supervisor relays.
+    os.dup2(output.fileno(), 2)
+    output.close()
     # The supervisor handles SIGINT for the whole process group; a terminal's Ctrl-C must not
     # kill a build half-way before the supervisor decides what to do with it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -126,15 +132,27 @@ class Worker:
     def __init__(self, config: Config) -> None:
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe(duplex=True)
+        output_read, output_write = context.Pipe(duplex=False)
         self._conn = parent
         self._process: BaseProcess = context.Process(
             target=_child_main,
-            args=(child, config.log.format, config.log.level, os.getpid()),
+            args=(child, output_write, config.log.format, config.log.level, os.getpid()),
             name="tfmerge-worker",
             daemon=True,
         )
-        self._process.start()
-        child.close()
+        try:
+            self._process.start()
+        except BaseException:
+            for end in (parent, output_read):
+                end.close()
+            raise
+        finally:
+            child.close()
+            output_write.close()
+        self._output = OutputRelay(
+            output_read, ended=self._process.sentinel, worker_pid=self._process.pid
+        )
+        self._output.start()
         self.started = time.monotonic()
 
     @property
@@ -159,6 +177,7 @@ class Worker:
         how long the next wait may last at most.
         """
         deadline = time.monotonic() + timeout
+        self._output.context = {"build_id": request.build_id}
         try:
             self._conn.send(request)
         except (BrokenPipeError, ConnectionResetError, EOFError):
@@ -219,7 +238,8 @@ class Worker:
         return f"the worker exited with status {code} without a result"
 
     def stop(self) -> None:
-        """End the child: SIGTERM, then SIGKILL after a grace period. Idempotent."""
+        """End the child: SIGTERM, then SIGKILL after a grace period; relay the last of its
+        output. Idempotent."""
         if self._process.is_alive():
             self._process.terminate()
             self._process.join(_TERMINATE_GRACE_SECONDS)
@@ -229,3 +249,4 @@ class Worker:
         else:
             self._process.join()
         self._conn.close()
+        self._output.join()

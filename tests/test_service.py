@@ -486,6 +486,7 @@ def test_an_edited_config_file_reloads_once_after_its_quiet_period(rig: Rig) -> 
 
 def test_sighup_reloads_at_once_and_a_broken_file_keeps_the_configuration(rig: Rig) -> None:
     rig.signals = True
+    handler_before = signal.getsignal(signal.SIGHUP)
     rig.workers.script(publishes, publishes)
     good = rig.config_path.read_text()
     rig.timeline.at(10, lambda: rig.edit_config(good + "this is not toml\n"))
@@ -504,7 +505,7 @@ def test_sighup_reloads_at_once_and_a_broken_file_keeps_the_configuration(rig: R
     started = rig.named("build_started")
     assert [(e["trigger"], e["at"]) for e in started] == [("startup", 0.0), ("reload", 20.25)]
     assert rig.named("daemon_stopping")[0]["at"] == 40.0
-    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGHUP) == handler_before
     messages = rig.notify.messages()
     assert sum(m.startswith("RELOADING=1") for m in messages) == 2
 
@@ -525,6 +526,14 @@ def test_transient_failures_are_retried_with_growing_waits_then_given_up(rig: Ri
     assert rig.timeline.waits[tries[0].waits_before : tries[-1].waits_before] == [1.0, 2.0, 4.0]
     retries = [(e["attempt"], e["wait_seconds"]) for e in rig.named("build_retry")]
     assert retries == [(1, 1.0), (2, 2.0), (3, 4.0)]
+    assert rig.named("build_retry")[1] == {
+        "attempt": 2,
+        "wait_seconds": 2.0,
+        "reason": "[Errno 28] No space left on device",
+        "event": "build_retry",
+        "log_level": "warning",
+        "at": 13.0,
+    }
     (gave_up,) = rig.named("worker_crashed")
     assert (gave_up["at"], gave_up["transient"]) == (19.0, True)
     outcomes = [e["outcome"] for e in rig.named("build_finished")]

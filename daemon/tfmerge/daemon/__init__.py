@@ -1,7 +1,8 @@
 """The supervisor: the long-running process. No TensorFlow, ever.
 
 It watches ``frozen_dir`` (``watch``), groups changes into batches (``debounce``), runs each
-build in a worker child process (``runner``, ``worker``), tries a build again after a
+build in a worker child process (``runner``, ``worker``; ``output`` relays what a worker
+writes to stderr as log events), tries a build again after a
 transient failure (``retry``) and publishes what the build verified (``pipeline``), follows
 a published version until TensorFlow Serving reports it live (``live``, ``tfserving``),
 reloads its configuration (``reload``), and speaks to systemd (``notify``) and Prometheus

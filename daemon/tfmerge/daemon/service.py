@@ -39,6 +39,14 @@ WaitForWakeup = Callable[[float | None], None]
 
 
 class Daemon:
+    """The loop, and what it keeps between builds.
+
+    ``runner`` makes the build runner, given what a running build needs from the loop;
+    ``watcher`` makes the watcher of ``frozen_dir`` and of the config file (again when a
+    reload moves ``frozen_dir``); ``clock`` gives monotonic seconds; ``wait`` returns at the
+    next wake-up or after the seconds given (by default, ``select`` on the wake-up pipe).
+    """
+
     def __init__(
         self,
         config: Config,

@@ -113,7 +113,9 @@ def test_uploads_like_scp_rsync_and_sftp_each_publish_one_version(
     for event in relayed:
         prefix = ABSL_PREFIX.match(event["text"])
         if prefix:
-            assert event["level"] == ABSL_LEVELS[prefix[1]], event
+            # A failed GPU probe is expected on a host without a GPU: info, whatever absl says.
+            gpu_probe = "failed call to cuInit" in event["text"]
+            assert event["level"] == ("info" if gpu_probe else ABSL_LEVELS[prefix[1]]), event
 
 
 def test_an_upload_cut_off_half_way_is_refused_until_completed(

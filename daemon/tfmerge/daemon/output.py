@@ -5,7 +5,8 @@ structlog: ``I0000 00:00:1700000000.123456  4242 cudart_stub.cc:31] Could not fi
 drivers …`` at every import. Written as they are, such lines break a log of JSON lines
 (``journalctl -o cat | jq`` stops at the first). So each worker's fd 2 is a pipe, read by a
 thread of the supervisor that logs every line as an event: the level from absl's prefix
-(I, W, E, F), the text as written.
+(I, W, E, F), the text as written. The one exception is the failed probe for a GPU on a
+host without one: absl says error, and it is info here.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from tfmerge.logs import bound_context, get_logger
 #: id, file:line.
 _ABSL_PREFIX = re.compile(r"^([IWEF])\d{4} [0-9:.]+ +\d+ [^ \]]+:\d+\] ")
 _ABSL_LEVELS = {"I": logging.INFO, "W": logging.WARNING, "E": logging.ERROR, "F": logging.CRITICAL}
+#: TensorFlow's probe for a GPU, an absl error on every host without one. A build runs on
+#: the CPU then, as it is meant to: no fault of the service, so not an error in its log.
+_GPU_PROBE = re.compile(r"\] failed call to cuInit: ")
 #: Python's own: a warning (``file.py:12: UserWarning: …``), an uncaught exception.
 _PYTHON_WARNING = re.compile(r"^\S+:\d+: \w*Warning: ")
 _FIRST_WORDS = {
@@ -44,7 +48,7 @@ def line_level(line: str, previous: int) -> int:
     names none, which continues a message of several lines."""
     match = _ABSL_PREFIX.match(line)
     if match:
-        return _ABSL_LEVELS[match[1]]
+        return logging.INFO if _GPU_PROBE.search(line) else _ABSL_LEVELS[match[1]]
     if _PYTHON_WARNING.match(line):
         return logging.WARNING
     for words, level in _FIRST_WORDS.items():

@@ -38,6 +38,14 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
     assert loaded.watch.quiet_seconds == 2.0
 
 
+def test_keys_left_out_take_the_settings_defaults(tmp_path: Path) -> None:
+    path = write_config(tmp_path, BASE)
+    loaded = config_module.load(path)
+    folders = {"frozen_dir": loaded.frozen_dir, "serving_dir": loaded.serving_dir}
+    expected = config_module.Config(path=path, state_dir=loaded.state_dir, **folders)
+    assert loaded == expected
+
+
 def test_tensor_names_default_to_output_zero(tmp_path: Path) -> None:
     text = (
         BASE

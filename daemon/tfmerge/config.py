@@ -10,7 +10,7 @@ import math
 import re
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -132,12 +132,21 @@ class Config:
 
 
 class _Table:
-    """Reads keys out of one TOML table, recording problems instead of raising."""
+    """Reads keys out of one TOML table, recording problems instead of raising.
 
-    def __init__(self, data: Mapping[str, Any], prefix: str, problems: list[Problem]) -> None:
+    ``settings`` is the dataclass the table fills: a key's default is that class's field
+    default, so every default is written once, in the dataclass.
+    """
+
+    def __init__(
+        self, data: Mapping[str, Any], prefix: str, problems: list[Problem], settings: Any = None
+    ) -> None:
         self._data = dict(data)
         self._prefix = prefix
         self._problems = problems
+        # Fields with a default_factory are tables of their own, read with their own class.
+        defaults = fields(settings) if settings is not None else ()
+        self._defaults = {f.name: f.default for f in defaults if f.default is not MISSING}
 
     def key(self, name: str) -> str:
         return f"{self._prefix}{name}"
@@ -145,28 +154,33 @@ class _Table:
     def problem(self, name: str, message: str) -> None:
         self._problems.append(Problem(self.key(name), message))
 
+    def default(self, name: str) -> Any:
+        return self._defaults.get(name)  # None: the key has no default (it is required)
+
     def take(self, name: str, default: Any = None) -> Any:
         return self._data.pop(name, default)
 
-    def string(self, name: str, default: str | None = None, *, required: bool = False) -> Any:
+    def string(self, name: str, *, required: bool = False) -> Any:
         value = self.take(name)
         if value is None:
             if required:
                 self.problem(name, "is required (a string)")
-            return default
+            return self.default(name)
         if not isinstance(value, str) or not value:
             self.problem(name, f"expected a non-empty string, got {value!r}")
-            return default
+            return self.default(name)
         return value
 
-    def boolean(self, name: str, default: bool) -> bool:
+    def boolean(self, name: str) -> bool:
+        default: bool = self.default(name)
         value = self.take(name, default)
         if not isinstance(value, bool):
             self.problem(name, f"expected true or false, got {value!r}")
             return default
         return value
 
-    def number(self, name: str, default: float, *, minimum: float, integer: bool = False) -> Any:
+    def number(self, name: str, *, minimum: float, integer: bool = False) -> Any:
+        default = self.default(name)
         value = self.take(name, default)
         kind = "an integer" if integer else "a number"
         ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
@@ -178,19 +192,20 @@ class _Table:
             return default
         return value
 
-    def choice(self, name: str, default: str, choices: Sequence[str]) -> Any:
+    def choice(self, name: str, choices: Sequence[str]) -> Any:
+        default = self.default(name)
         value = self.take(name, default)
         if value not in choices:
             self.problem(name, f"expected one of {', '.join(choices)}, got {value!r}")
             return default
         return value
 
-    def table(self, name: str) -> _Table:
+    def table(self, name: str, settings: Any = None) -> _Table:
         value = self.take(name, {})
         if not isinstance(value, dict):
             self.problem(name, f"expected a table, got {value!r}")
             value = {}
-        return _Table(value, f"{self.key(name)}.", self._problems)
+        return _Table(value, f"{self.key(name)}.", self._problems, settings)
 
     def finish(self) -> None:
         for name in sorted(self._data):
@@ -231,7 +246,7 @@ def parse_models(raw: Any, prefix: str, origin: str, problems: list[Problem]) ->
             problems.append(Problem(where, "expected a table"))
             continue
         before = len(problems)
-        table = _Table(entry, f"{where}.", problems)
+        table = _Table(entry, f"{where}.", problems, ModelDecl)
         signature = table.string("signature", required=True)
         frozen = table.string("frozen", required=origin == "config")
         inputs = _string_map(table, "inputs", required=True)
@@ -239,7 +254,7 @@ def parse_models(raw: Any, prefix: str, origin: str, problems: list[Problem]) ->
         sha256 = table.string("sha256")
         if sha256 is not None and not _SHA256_HEX.match(sha256):
             table.problem("sha256", f"expected 64 hexadecimal digits, got {sha256!r}")
-        allow_change = table.boolean("allow_interface_change", False)
+        allow_change = table.boolean("allow_interface_change")
         sample = table.take("sample")
         if sample is not None and not isinstance(sample, dict):
             table.problem("sample", "expected a table of input key = value (nested arrays)")
@@ -264,8 +279,8 @@ def parse_models(raw: Any, prefix: str, origin: str, problems: list[Problem]) ->
     return models
 
 
-def _path(table: _Table, name: str, default: str | None, base: Path) -> Path:
-    value = table.string(name, default, required=default is None)
+def _path(table: _Table, name: str, base: Path) -> Path:
+    value = table.string(name, required=True)
     return (base / (value or ".")).resolve()
 
 
@@ -284,16 +299,16 @@ def load(path: Path) -> Config:
 def parse(data: Mapping[str, Any], path: Path) -> Config:
     problems: list[Problem] = []
     base = path.parent
-    top = _Table(data, "", problems)
-    frozen_dir = _path(top, "frozen_dir", None, base)
-    serving_dir = _path(top, "serving_dir", None, base)
-    state_dir = _path(top, "state_dir", None, base)
-    discover = top.boolean("discover", True)
-    max_model_bytes = top.number("max_model_bytes", 2 * GiB, minimum=1, integer=True)
-    max_sidecar_bytes = top.number("max_sidecar_bytes", MiB, minimum=1, integer=True)
-    allow_interface_change = top.boolean("allow_interface_change", False)
-    keep_versions = top.number("keep_versions", 5, minimum=2, integer=True)
-    allow_ops = top.take("allow_ops", [])
+    top = _Table(data, "", problems, Config)
+    frozen_dir = _path(top, "frozen_dir", base)
+    serving_dir = _path(top, "serving_dir", base)
+    state_dir = _path(top, "state_dir", base)
+    discover = top.boolean("discover")
+    max_model_bytes = top.number("max_model_bytes", minimum=1, integer=True)
+    max_sidecar_bytes = top.number("max_sidecar_bytes", minimum=1, integer=True)
+    allow_interface_change = top.boolean("allow_interface_change")
+    keep_versions = top.number("keep_versions", minimum=2, integer=True)
+    allow_ops = top.take("allow_ops", list(top.default("allow_ops")))
     if not isinstance(allow_ops, list) or not all(
         isinstance(op, str) and _OP_NAME.match(op) for op in allow_ops
     ):
@@ -305,30 +320,30 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         top.problem("allow_ops", f"{name!r} is not a refused op, so allowing it changes nothing")
     models = parse_models(top.take("models"), "models", "config", problems)
 
-    watch_table = top.table("watch")
-    quiet = watch_table.number("quiet_seconds", 2.0, minimum=0.0)
-    max_wait = watch_table.number("max_wait_seconds", 60.0, minimum=0.0)
+    watch_table = top.table("watch", WatchSettings)
+    quiet = watch_table.number("quiet_seconds", minimum=0.0)
+    max_wait = watch_table.number("max_wait_seconds", minimum=0.0)
     if max_wait < quiet:
         watch_table.problem("max_wait_seconds", f"must be >= quiet_seconds ({quiet})")
     watch_table.finish()
 
-    worker_table = top.table("worker")
+    worker_table = top.table("worker", WorkerSettings)
     worker = WorkerSettings(
-        timeout_seconds=worker_table.number("timeout_seconds", 1800.0, minimum=1.0),
-        warm=worker_table.boolean("warm", True),
-        retries=worker_table.number("retries", 3, minimum=0, integer=True),
+        timeout_seconds=worker_table.number("timeout_seconds", minimum=1.0),
+        warm=worker_table.boolean("warm"),
+        retries=worker_table.number("retries", minimum=0, integer=True),
     )
     worker_table.finish()
 
-    log_table = top.table("log")
+    log_table = top.table("log", LogSettings)
     log = LogSettings(
-        format=log_table.choice("format", "auto", _LOG_FORMATS),
-        level=log_table.choice("level", "info", _LOG_LEVELS),
+        format=log_table.choice("format", _LOG_FORMATS),
+        level=log_table.choice("level", _LOG_LEVELS),
     )
     log_table.finish()
     default_signature = top.string("default_signature")
-    serving = _serving(top.table("serving"))
-    metrics_table = top.table("metrics")
+    serving = _serving(top.table("serving", ServingSettings))
+    metrics_table = top.table("metrics", MetricsSettings)
     listen = metrics_table.string("listen")
     if listen is not None and not _HOST_PORT.match(listen):
         metrics_table.problem("listen", f"expected HOST:PORT like 127.0.0.1:9464, got {listen!r}")
@@ -389,9 +404,9 @@ def _serving(table: _Table) -> ServingSettings:
     settings = ServingSettings(
         rest_url=rest_url.rstrip("/") if rest_url else None,
         grpc_target=grpc_target,
-        model_name=table.string("model_name", "model"),
-        live_timeout_seconds=float(table.number("live_timeout_seconds", 300.0, minimum=1.0)),
-        rollback_on_failure=table.boolean("rollback_on_failure", True),
+        model_name=table.string("model_name"),
+        live_timeout_seconds=float(table.number("live_timeout_seconds", minimum=1.0)),
+        rollback_on_failure=table.boolean("rollback_on_failure"),
     )
     table.finish()
     return settings

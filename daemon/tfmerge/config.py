@@ -56,6 +56,8 @@ class ModelDecl:
     sample: Mapping[str, Any] | None = None
     #: Where the declaration came from, for messages: "config models[0]", "sidecar a/b.toml".
     origin: str = "config"
+    #: Keep the graph's device pins; None: as the top-level ``keep_devices`` says.
+    keep_devices: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,8 @@ class Config:
     max_model_bytes: int = 2 * GiB
     keep_versions: int = 5
     allow_ops: tuple[str, ...] = ()
+    #: Keep device pins (``/device:GPU:0``) of every graph instead of clearing them.
+    keep_devices: bool = False
     models: tuple[ModelDecl, ...] = ()
     watch: WatchSettings = field(default_factory=WatchSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
@@ -233,6 +237,9 @@ def parse_models(raw: Any, prefix: str, origin: str, problems: list[Problem]) ->
             for key in sample:
                 if key not in inputs:
                     table.problem(f"sample.{key}", f"names no input (inputs are {sorted(inputs)})")
+        keep_devices = table.take("keep_devices")
+        if keep_devices is not None and not isinstance(keep_devices, bool):
+            table.problem("keep_devices", f"expected true or false, got {keep_devices!r}")
         table.finish()
         if len(problems) == before:
             models.append(
@@ -243,6 +250,7 @@ def parse_models(raw: Any, prefix: str, origin: str, problems: list[Problem]) ->
                     outputs=outputs,
                     sample=sample,
                     origin=f"{origin} {where}",
+                    keep_devices=keep_devices,
                 )
             )
     return models
@@ -275,6 +283,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     discover = top.boolean("discover", True)
     max_model_bytes = top.number("max_model_bytes", 2 * GiB, minimum=1, integer=True)
     keep_versions = top.number("keep_versions", 5, minimum=2, integer=True)
+    keep_devices = top.boolean("keep_devices", False)
     allow_ops = top.take("allow_ops", [])
     if not isinstance(allow_ops, list) or not all(
         isinstance(op, str) and _OP_NAME.match(op) for op in allow_ops
@@ -334,6 +343,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         max_model_bytes=max_model_bytes,
         keep_versions=keep_versions,
         allow_ops=tuple(sorted(set(allow_ops))),
+        keep_devices=keep_devices,
         models=tuple(models),
         watch=WatchSettings(quiet_seconds=float(quiet), max_wait_seconds=float(max_wait)),
         worker=worker,

@@ -42,6 +42,8 @@ class ModelSpec:
     outputs: Mapping[str, str] | None  # None: infer from the graph's sink tensors
     sample: Mapping[str, Any] | None = None
     origin: Origin = "config"
+    #: Keep the graph's device pins (``keep_devices``) instead of clearing them.
+    keep_devices: bool = False
 
     @property
     def discovered(self) -> bool:
@@ -114,6 +116,7 @@ class AcceptedModel:
     kept: bool = False
     #: Input and output types as the signature declares them, for `tfmerge status`.
     tensors: Mapping[str, Any] = field(default_factory=dict)
+    keep_devices: bool = False
 
     @property
     def suffix(self) -> str:
@@ -135,6 +138,7 @@ class AcceptedModel:
             outputs=self.outputs,
             sample=self.sample,
             origin=self.origin,
+            keep_devices=self.keep_devices,
         )
 
 

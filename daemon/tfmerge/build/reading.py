@@ -61,7 +61,8 @@ def new_buffer(size: int) -> mmap.mmap:
 
 def scratch_size(file_size: int) -> int:
     """What open_graph needs for aligned copies of a file's constants, padding included."""
-    return file_size + file_size // 1024 + 2 * _FEED_ALIGNMENT
+    most_payloads = file_size // constants.SHARD_CONSTANT_BYTES + 1
+    return file_size + _FEED_ALIGNMENT * (most_payloads + 1)
 
 
 def buffer_size(file_size: int) -> int:
@@ -103,7 +104,7 @@ def open_graph(data: memoryview, relpath: str, scratch: memoryview) -> GraphRead
         found: list[wire.Payload] = []
         if not relpath.endswith(".pbtxt"):
             try:
-                stripped, found = wire.split_payloads(data, constants.LARGE_CONSTANT_BYTES)
+                stripped, found = wire.split_payloads(data, constants.SHARD_CONSTANT_BYTES)
             except wire.Unusual:
                 stripped, found = data, []
         graph_def = parse_graph_def(data, relpath, stripped if found else None)

@@ -10,7 +10,8 @@ One child process writes a whole set (``write_set``), in a fixed order with fixe
 that a set is generated identically every time (TensorFlow names functions after
 process-wide counters) and TensorFlow and Keras are imported once. Each set folder holds
 ``frozen/*.pb`` and ``models.json``, written last: the declaration of every model (signature,
-file, inputs, outputs, sample) plus ``example``, the dtype and shape of an input batch.
+file, inputs, outputs, sample) plus ``example``, the dtype and shape of an input batch, and
+``init_ops``, the nodes to run before the graph answers (table initializers).
 
 Run as ``python tests/fieldgraphs.py OUT SET``; SET is ``small`` (the test suite's, seconds to
 generate) or ``real`` (bench/fieldset.py's, about 170 MB).
@@ -213,6 +214,7 @@ def text_lstm(path: Path, *, vocab: int, dim: int, units: int, seq: int) -> dict
         "outputs": {"logits": "logits:0", "probs": "probs:0", "ids": "ids:0"},
         "sample": {"text": TEXT_SAMPLE},
         "example": {"text": {"dtype": "string", "values": TEXT_SAMPLE}},
+        "init_ops": [TABLE_INIT_OP],
     }
 
 
@@ -353,6 +355,7 @@ def table_in_loop(path: Path, *, count: int) -> dict[str, Any]:
         "outputs": {"ids": "ids:0"},
         "sample": {"words": sample},
         "example": {"words": {"dtype": "string", "values": sample}},
+        "init_ops": [TABLE_INIT_OP],
     }
 
 

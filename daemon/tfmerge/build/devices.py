@@ -21,7 +21,7 @@ _NO_KERNEL = re.compile(r"No OpKernel was registered to support Op '([^']+)'")
 _REGISTERED = re.compile(r"Registered devices: \[([^\]]*)\]")
 _PINNED = re.compile(
     r"Cannot assign a device for operation ([^:\s]+).*?"
-    r"(?:explicitly assigned to|explicit device specification ')([^' ]+)",
+    r"(?:explicitly assigned to |explicit device specification ')([^' ]+)",
     re.DOTALL,
 )
 

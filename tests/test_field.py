@@ -208,7 +208,7 @@ def test_no_byte_of_an_input_that_is_a_data_shard_is_stored_twice(published: Pub
     ]
     assert inline == []
     # Stored twice still: a shard input's nodes without their constants, a few per cent of a
-    # model this small (about 0.7% at full size, docs/benchmarks.md); before, also every
+    # model this small (0.8% at full size, docs/benchmarks-field.md); before, also every
     # constant under 1 MiB, here 10% more.
     files = [p for p in published.version.rglob("*") if p.is_file()]
     model_bytes = sum(p.stat().st_size for p in files if "assets.extra" not in p.parts)

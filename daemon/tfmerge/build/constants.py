@@ -23,7 +23,7 @@ LARGE_CONSTANT_BYTES = 1 << 20
 #: numeric Const of at least this many bytes becomes a restored variable as well: its bytes are
 #: in that file already, and inside saved_model.pb they would be stored a second time. Smaller
 #: ones stay in the graph: each variable costs the loader about as much time as it saves, and
-#: below this size more (measured in docs/benchmarks.md: with 1 KiB, a load took 18% more CPU).
+#: below this size more (docs/benchmarks-field.md: from 1 KiB, a load took 12% more CPU).
 SHARD_CONSTANT_BYTES = 4 << 10
 
 

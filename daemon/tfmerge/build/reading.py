@@ -32,9 +32,11 @@ _FEED_ALIGNMENT = 64
 class GraphRead:
     """A graph file read once: its digest, its bytes and its GraphDef.
 
-    For a binary GraphDef the large constants' bytes are not in graph_def: ``payloads`` maps
-    their node names to views of ``data`` (see split_large_constants), and ``offsets`` to
-    where those bytes start in the file.
+    For a binary GraphDef the bytes of every constant that may move into ``variables/``
+    (constants.SHARD_CONSTANT_BYTES or more) are not in graph_def: ``payloads`` maps their
+    node names (wire.function_key for those in function bodies) to views of ``data``, and
+    ``offsets`` to where those bytes start in the file. quirks.prepare puts back the ones
+    that stay in the graph.
     """
 
     sha256: str

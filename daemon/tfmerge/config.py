@@ -62,6 +62,8 @@ class ModelDecl:
     sha256: str | None = None
     #: Accept a change of the signature's interface that would break its clients.
     allow_interface_change: bool = False
+    #: Keep the graph's device pins; None: as the top-level ``keep_devices`` says.
+    keep_devices: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,8 @@ class Config:
     allow_interface_change: bool = False
     keep_versions: int = 5
     allow_ops: tuple[str, ...] = ()
+    #: Keep device pins (``/device:GPU:0``) of every graph instead of clearing them.
+    keep_devices: bool = False
     models: tuple[ModelDecl, ...] = ()
     watch: WatchSettings = field(default_factory=WatchSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
@@ -262,6 +266,9 @@ def parse_models(raw: Any, prefix: str, origin: str, problems: list[Problem]) ->
             for key in sample:
                 if key not in inputs:
                     table.problem(f"sample.{key}", f"names no input (inputs are {sorted(inputs)})")
+        keep_devices = table.take("keep_devices")
+        if keep_devices is not None and not isinstance(keep_devices, bool):
+            table.problem("keep_devices", f"expected true or false, got {keep_devices!r}")
         table.finish()
         if len(problems) == before:
             models.append(
@@ -274,6 +281,7 @@ def parse_models(raw: Any, prefix: str, origin: str, problems: list[Problem]) ->
                     origin=f"{origin} {where}",
                     sha256=sha256.lower() if sha256 else None,
                     allow_interface_change=allow_change,
+                    keep_devices=keep_devices,
                 )
             )
     return models
@@ -308,6 +316,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     max_sidecar_bytes = top.number("max_sidecar_bytes", minimum=1, integer=True)
     allow_interface_change = top.boolean("allow_interface_change")
     keep_versions = top.number("keep_versions", minimum=2, integer=True)
+    keep_devices = top.boolean("keep_devices")
     allow_ops = top.take("allow_ops", list(top.default("allow_ops")))
     if not isinstance(allow_ops, list) or not all(
         isinstance(op, str) and _OP_NAME.match(op) for op in allow_ops
@@ -369,6 +378,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         allow_interface_change=allow_interface_change,
         keep_versions=keep_versions,
         allow_ops=tuple(sorted(set(allow_ops))),
+        keep_devices=keep_devices,
         models=tuple(models),
         watch=WatchSettings(quiet_seconds=float(quiet), max_wait_seconds=float(max_wait)),
         worker=worker,

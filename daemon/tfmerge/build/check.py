@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from tfmerge import oppolicy
-from tfmerge.build import constants, probe, reading, signatures
+from tfmerge.build import devices, probe, quirks, reading, signatures
 from tfmerge.build.writer import Writer
 from tfmerge.config import Config
 from tfmerge.folders.state import Store
@@ -112,11 +112,12 @@ def _check_read(
         raise ModelRejected("damaged", "the kept copy in the state folder is damaged")
     sha256, size = read.sha256, len(read.data)
     oppolicy.check_ops(read.graph_def, config.allow_ops)
-    light, large = constants.split_large_constants(read.graph_def, read.payloads, read.offsets)
+    prepared = quirks.prepare(read, spec)
+    light, large = prepared.light, prepared.large
     # From here on only the light graph and the constants' arrays (views of read.data) remain.
     read.graph_def = None
     init_nodes = signatures.initializer_nodes(light)
-    graph = signatures.import_graph(light)
+    graph = signatures.import_graph(prepared.source)
     inputs, outputs = spec.inputs, spec.outputs
     if inputs is None or outputs is None:
         inputs, outputs = signatures.infer_signature(graph, [c.name for c in large])
@@ -146,16 +147,12 @@ def _check_read(
             graph,
             init_nodes,
             {input_sigs[k].name: v for k, v in feeds.items()}
-            | {f"{c.name}:0": c.value for c in large},
+            | {f"{c.name}:0": c.value for c in prepared.source_constants},
             {k: s.name for k, s in output_sigs.items()},
         )
     except Exception as exc:  # any kernel error on the probe input, whatever its type
-        raise ModelRejected(
-            "source_failed",
-            f"the source graph fails on the probe input ({type(exc).__name__}: "
-            f"{getattr(exc, 'message', exc)}); add a `sample` to its declaration",
-        ) from exc
-    del graph
+        raise devices.source_failure(exc) from exc
+    del graph, prepared
     if writer is not None:
         writer.accept(read, large)
     del large
@@ -170,6 +167,7 @@ def _check_read(
         origin=spec.origin,
         kept=kept,
         tensors=tensors,
+        keep_devices=spec.keep_devices,
     )
     return Checked(model, light, init_nodes, input_sigs, output_sigs, feeds, expected)
 

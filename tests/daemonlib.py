@@ -27,29 +27,44 @@ class DaemonProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tfmerge", "run", "-c", str(config)],
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             env=environment,
             text=True,
+            errors="backslashreplace",
         )
         self.events: list[dict[str, Any]] = []
+        #: Lines on stdout that are not JSON objects, and every line on stderr.
+        self.not_json: list[str] = []
+        self.stderr_lines: list[str] = []
         self._changed = threading.Condition()
         self._reader = threading.Thread(target=self._read, name="daemon-log-reader", daemon=True)
         self._reader.start()
+        self._stderr_reader = threading.Thread(
+            target=self._read_stderr, name="daemon-stderr-reader", daemon=True
+        )
+        self._stderr_reader.start()
 
     def _read(self) -> None:
         assert self.process.stdout is not None
         for line in self.process.stdout:
-            if not line.startswith("{"):
-                continue
             try:
                 event = json.loads(line)
             except ValueError:
-                continue
+                event = None
             with self._changed:
-                self.events.append(event)
+                if isinstance(event, dict):
+                    self.events.append(event)
+                else:
+                    self.not_json.append(line)
                 self._changed.notify_all()
         with self._changed:
             self._changed.notify_all()
+
+    def _read_stderr(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self._changed:
+                self.stderr_lines.append(line)
 
     def named(self, name: str, since: int = 0) -> list[dict[str, Any]]:
         with self._changed:
@@ -112,9 +127,7 @@ class DaemonProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             code = self.process.wait()
-        self._reader.join(timeout=10)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+        self._close_streams()
         return code
 
     def kill(self) -> None:
@@ -127,9 +140,16 @@ class DaemonProcess:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 continue
-        self._reader.join(timeout=10)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+        self._close_streams()
+
+    def _close_streams(self) -> None:
+        for reader, stream in (
+            (self._reader, self.process.stdout),
+            (self._stderr_reader, self.process.stderr),
+        ):
+            reader.join(timeout=10)
+            if stream is not None:
+                stream.close()
 
     def __enter__(self) -> DaemonProcess:
         return self
@@ -138,9 +158,7 @@ class DaemonProcess:
         if self.process.poll() is None:
             self.stop()
         self.process.wait()
-        self._reader.join(timeout=10)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+        self._close_streams()
 
 
 def wait_until(

@@ -36,13 +36,19 @@ def manifest(version_dir: Path) -> dict[str, Any]:
 
 
 def run_signatures(
-    version_dir: Path, feeds: Mapping[str, Mapping[str, Any]]
+    version_dir: Path, feeds: Mapping[str, Mapping[str, Any]], config: Any = None
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Load version_dir with the SavedModel loader and run each named signature once."""
+    """Load version_dir with the SavedModel loader and run each named signature once.
+
+    ``config``: the session's ConfigProto; None for TensorFlow's defaults, the server's.
+    """
     import tensorflow as tf
 
     results = {}
-    with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as session:
+    with (
+        tf.Graph().as_default() as graph,
+        tf.compat.v1.Session(graph=graph, config=config) as session,
+    ):
         meta = tf.compat.v1.saved_model.loader.load(session, ["serve"], str(version_dir))
         for name, values in feeds.items():
             signature = meta.signature_def[name]
@@ -51,6 +57,34 @@ def run_signatures(
             results[name] = {
                 k: np.asarray(v) for k, v in session.run(fetches, feed_dict=feed_dict).items()
             }
+    return results
+
+
+def run_signatures_together(
+    version_dir: Path, feeds: Mapping[str, Mapping[str, Any]], config: Any = None
+) -> dict[str, dict[str, np.ndarray]]:
+    """Every named signature in ONE Session.run, as a MultiInference request runs them."""
+    import tensorflow as tf
+
+    with (
+        tf.Graph().as_default() as graph,
+        tf.compat.v1.Session(graph=graph, config=config) as session,
+    ):
+        meta = tf.compat.v1.saved_model.loader.load(session, ["serve"], str(version_dir))
+        fetches = {
+            (name, key): info.name
+            for name in feeds
+            for key, info in meta.signature_def[name].outputs.items()
+        }
+        feed_dict = {
+            meta.signature_def[name].inputs[key].name: value
+            for name, values in feeds.items()
+            for key, value in values.items()
+        }
+        outputs = session.run(fetches, feed_dict=feed_dict)
+    results: dict[str, dict[str, np.ndarray]] = {name: {} for name in feeds}
+    for (name, key), value in outputs.items():
+        results[name][key] = np.asarray(value)
     return results
 
 
@@ -70,3 +104,30 @@ def assert_same_outputs(actual: Mapping[str, np.ndarray], expected: Mapping[str,
         assert got.dtype == want.dtype, (key, got.dtype, want.dtype)
         assert got.shape == want.shape, (key, got.shape, want.shape)
         assert np.array_equal(got, want), key
+
+
+#: |actual - expected| <= atol + rtol * |expected|, by dtype, for floats computed under
+#: different session settings (graph optimisations on or off, another CPU): the numeric
+#: contract of docs/serving.md. Integers, booleans and strings must be equal.
+_ACROSS_SETTINGS = {
+    np.dtype(np.float16): (5e-2, 5e-2),
+    np.dtype(np.float32): (1e-3, 1e-3),
+    np.dtype(np.float64): (1e-10, 1e-11),
+}
+
+
+def assert_close_across_settings(
+    actual: Mapping[str, np.ndarray], expected: Mapping[str, Any]
+) -> None:
+    """Outputs computed under other session settings than expected's, within the contract."""
+    assert set(actual) == set(expected)
+    for key, value in expected.items():
+        want = np.asarray(value)
+        got = np.asarray(actual[key])
+        assert got.dtype == want.dtype, (key, got.dtype, want.dtype)
+        assert got.shape == want.shape, (key, got.shape, want.shape)
+        if want.dtype in _ACROSS_SETTINGS:
+            rtol, atol = _ACROSS_SETTINGS[want.dtype]
+            np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=key)
+        else:
+            assert np.array_equal(got, want), key

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 from pathlib import Path
@@ -19,6 +20,9 @@ from projectlib import Project, model_entry
 from servinglib import assert_same_outputs, highest, manifest, run_signatures, versions
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+ABSL_PREFIX = re.compile(r"^([IWEF])\d{4} ")
+ABSL_LEVELS = {"I": "info", "W": "warning", "E": "error", "F": "critical"}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +68,8 @@ def test_uploads_like_scp_rsync_and_sftp_each_publish_one_version(
     project = Project(tmp_path)
     project.configure(discover=True)
     project.add(models["m0"], "m0.pb")
-    with start(project) as daemon:
+    # TensorFlow's C++ runtime at its chattiest: its lines must come out as JSON events too.
+    with start(project, TF_CPP_MIN_LOG_LEVEL="0") as daemon:
         assert sorted(versions(project.serving)) == [1]
 
         # scp: several files, each written in place in chunks.
@@ -100,6 +105,17 @@ def test_uploads_like_scp_rsync_and_sftp_each_publish_one_version(
         assert_serves(highest(project.serving), {f"m{i}": models[f"m{i}"] for i in range(5)})
         assert daemon.stop() == exitcodes.OK
     assert not [p for p in project.serving.iterdir() if p.name.startswith(".staging")]
+    # Every line the daemon and its workers wrote, on stdout and on stderr, is a JSON event.
+    assert daemon.not_json == []
+    assert daemon.stderr_lines == []
+    relayed = daemon.named("worker_output")
+    assert relayed
+    for event in relayed:
+        prefix = ABSL_PREFIX.match(event["text"])
+        if prefix:
+            # A failed GPU probe is expected on a host without a GPU: info, whatever absl says.
+            gpu_probe = "failed call to cuInit" in event["text"]
+            assert event["level"] == ("info" if gpu_probe else ABSL_LEVELS[prefix[1]]), event
 
 
 def test_an_upload_cut_off_half_way_is_refused_until_completed(

@@ -24,7 +24,6 @@ from servinglib import highest, manifest, versions
 pytestmark = pytest.mark.timeout(300)
 
 
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> FrozenModel:
     return graphgen.write_dense(tmp_path_factory.mktemp("folders") / "m.pb", seed=80, in_dim=3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from tfmerge import config as config_module
 from tfmerge import specs
-from tfmerge.build import scopes
+from tfmerge.build import devices, scopes
 from tfmerge.build.bundle import Entry
 from tfmerge.build.variables import Variables, restore_groups
 from tfmerge.config import ConfigError
@@ -36,6 +37,14 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
     assert loaded.serving_dir == (tmp_path / "serving").resolve()
     assert loaded.keep_versions == 5
     assert loaded.watch.quiet_seconds == 2.0
+
+
+def test_keys_left_out_take_the_settings_defaults(tmp_path: Path) -> None:
+    path = write_config(tmp_path, BASE)
+    loaded = config_module.load(path)
+    folders = {"frozen_dir": loaded.frozen_dir, "serving_dir": loaded.serving_dir}
+    expected = config_module.Config(path=path, state_dir=loaded.state_dir, **folders)
+    assert loaded == expected
 
 
 def test_tensor_names_default_to_output_zero(tmp_path: Path) -> None:
@@ -72,6 +81,14 @@ def test_tensor_names_default_to_output_zero(tmp_path: Path) -> None:
             "signature 'a' is already declared by models[0]",
         ),
         ("[worker]\ntimeout_seconds = 0\n", "worker.timeout_seconds: expected a number >= 1.0"),
+        ('keep_devices = "yes"\n', "keep_devices: expected true or false"),
+        (
+            (
+                '[[models]]\nsignature = "a"\nfrozen = "a.pb"\ninputs = { x = "x:0" }\n'
+                'outputs = { y = "y:0" }\nkeep_devices = 1\n'
+            ),
+            "models[0].keep_devices: expected true or false",
+        ),
     ],
 )
 def test_config_problems_name_the_key(tmp_path: Path, extra: str, expected: str) -> None:
@@ -112,6 +129,65 @@ def test_discovery_skips_leftovers_and_declared_files(tmp_path: Path) -> None:
         ("team/b", "team/b.pbtxt", True),
     ]
     assert not result.rejections
+
+
+def test_keep_devices_is_global_and_a_declaration_overrides_it(tmp_path: Path) -> None:
+    frozen = tmp_path / "frozen"
+    frozen.mkdir(parents=True)
+    for name in ("kept.pb", "cleared.pb", "found.pb"):
+        (frozen / name).write_bytes(b"\x01")
+    (frozen / "cleared.toml").write_text(
+        '[[models]]\nsignature = "cleared"\ninputs = { x = "x:0" }\noutputs = { y = "y:0" }\n'
+        "keep_devices = false\n"
+    )
+    declared = '[[models]]\nsignature = "kept"\nfrozen = "kept.pb"\ninputs = { x = "x:0" }\noutputs = { y = "y:0" }\n'
+    by_default = {s.signature: s.keep_devices for s in resolved(tmp_path, declared).specs}
+    assert by_default == {"cleared": False, "found": False, "kept": False}
+    kept = {s.signature: s for s in resolved(tmp_path, "keep_devices = true\n" + declared).specs}
+    assert {name: spec.keep_devices for name, spec in kept.items()} == {
+        "cleared": False,
+        "found": True,
+        "kept": True,
+    }
+    # A version built with other pins is another version.
+    assert specs.spec_key(kept["kept"]) != specs.spec_key(
+        dataclasses.replace(kept["kept"], keep_devices=False)
+    )
+
+
+@pytest.mark.parametrize(
+    ("message", "code", "words"),
+    [
+        (
+            (
+                "No OpKernel was registered to support Op 'CudnnRNNV3' used by {{node c}} with "
+                "these attrs: [T=DT_FLOAT]\nRegistered devices: [CPU]\nRegistered kernels:\n"
+                "  device='GPU'; T in [DT_FLOAT]"
+            ),
+            "no_kernel",
+            ["CudnnRNNV3", "(CPU)", "GPU"],
+        ),
+        (
+            (
+                "Cannot assign a device for operation StringLower: {{node StringLower}} was "
+                "explicitly assigned to /device:GPU:0 but available devices are [ "
+                "/job:localhost/replica:0/task:0/device:CPU:0 ]."
+            ),
+            "device_unavailable",
+            ["StringLower", "/device:GPU:0", "keep_devices"],
+        ),
+        ("indices[0] = 9 is not in [0, 5)", "source_failed", ["not in [0, 5)", "sample"]),
+    ],
+)
+def test_a_failing_source_says_what_would_make_it_run(
+    message: str, code: str, words: list[str]
+) -> None:
+    refusal = devices.source_failure(ValueError(message))
+    assert refusal.code == code
+    for word in words:
+        assert word in refusal.reason
+    if code != "source_failed":
+        assert "sample" not in refusal.reason
 
 
 def test_sidecar_declares_only_its_own_graph(tmp_path: Path) -> None:

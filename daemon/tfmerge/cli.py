@@ -140,7 +140,7 @@ def _check(config: Config) -> int:
 
 def _inspect(path: Path, *, as_json: bool) -> int:
     from tfmerge import oppolicy
-    from tfmerge.build import constants, reading, signatures
+    from tfmerge.build import constants, devices, lifting, reading, signatures
     from tfmerge.models import ModelRejected
 
     log = get_logger(file=str(path))
@@ -148,6 +148,8 @@ def _inspect(path: Path, *, as_json: bool) -> int:
         # The same reader as a build's, with no size limit: inspect is run on purpose.
         read = reading.read_graph(path, path.name, 1 << 62)
         graph_def = read.graph_def
+        lifting.restore_function_payloads(graph_def, read.payloads, read.offsets)
+        pinned = devices.pinned_devices(graph_def)
         light, large = constants.split_large_constants(graph_def, read.payloads, read.offsets)
         graph = signatures.import_graph(light)
         inputs, outputs = signatures.infer_signature(graph, [c.name for c in large])
@@ -168,6 +170,8 @@ def _inspect(path: Path, *, as_json: bool) -> int:
         "placeholders": placeholders,
         "candidate_outputs": candidates,
         "initializers": signatures.initializer_nodes(graph_def),
+        # Device -> how many nodes (function bodies included) name it; cleared when merged.
+        "devices": pinned,
         "refused_ops": oppolicy.describe(violations) or None,
         "entry": _entry_toml(path, inputs, outputs),
     }
@@ -187,6 +191,11 @@ def _inspect(path: Path, *, as_json: bool) -> int:
         print(
             "table initializers (run when the merged model loads): "
             + ", ".join(report["initializers"])
+        )
+    if pinned:
+        print(
+            "device pins (cleared when merged; keep_devices = true keeps them): "
+            + ", ".join(f"{device} on {count} nodes" for device, count in pinned.items())
         )
     if report["refused_ops"]:
         print(f"refused by the default op policy: {report['refused_ops']}")

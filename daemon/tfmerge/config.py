@@ -10,7 +10,7 @@ import math
 import re
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -82,6 +82,8 @@ class ModelDecl:
     sha256: str | None = None
     #: Accept a change of the signature's interface that would break its clients.
     allow_interface_change: bool = False
+    #: Keep the graph's device pins; None: as the top-level ``keep_devices`` says.
+    keep_devices: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,8 @@ class Config:
     allow_interface_change: bool = False
     keep_versions: int = 5
     allow_ops: tuple[str, ...] = ()
+    #: Keep device pins (``/device:GPU:0``) of every graph instead of clearing them.
+    keep_devices: bool = False
     models: tuple[ModelDecl, ...] = ()
     watch: WatchSettings = field(default_factory=WatchSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
@@ -167,12 +171,21 @@ class Config:
 
 
 class _Table:
-    """Reads keys out of one TOML table, recording problems instead of raising."""
+    """Reads keys out of one TOML table, recording problems instead of raising.
 
-    def __init__(self, data: Mapping[str, Any], prefix: str, problems: list[Problem]) -> None:
+    ``settings`` is the dataclass the table fills: a key's default is that class's field
+    default, so every default is written once, in the dataclass.
+    """
+
+    def __init__(
+        self, data: Mapping[str, Any], prefix: str, problems: list[Problem], settings: Any = None
+    ) -> None:
         self._data = dict(data)
         self._prefix = prefix
         self._problems = problems
+        # Fields with a default_factory are tables of their own, read with their own class.
+        defaults = fields(settings) if settings is not None else ()
+        self._defaults = {f.name: f.default for f in defaults if f.default is not MISSING}
 
     def key(self, name: str) -> str:
         return f"{self._prefix}{name}"
@@ -183,28 +196,33 @@ class _Table:
     def has(self, name: str) -> bool:
         return name in self._data
 
+    def default(self, name: str) -> Any:
+        return self._defaults.get(name)  # None: the key has no default (it is required)
+
     def take(self, name: str, default: Any = None) -> Any:
         return self._data.pop(name, default)
 
-    def string(self, name: str, default: str | None = None, *, required: bool = False) -> Any:
+    def string(self, name: str, *, required: bool = False) -> Any:
         value = self.take(name)
         if value is None:
             if required:
                 self.problem(name, "is required (a string)")
-            return default
+            return self.default(name)
         if not isinstance(value, str) or not value:
             self.problem(name, f"expected a non-empty string, got {value!r}")
-            return default
+            return self.default(name)
         return value
 
-    def boolean(self, name: str, default: bool) -> bool:
+    def boolean(self, name: str) -> bool:
+        default: bool = self.default(name)
         value = self.take(name, default)
         if not isinstance(value, bool):
             self.problem(name, f"expected true or false, got {value!r}")
             return default
         return value
 
-    def number(self, name: str, default: float, *, minimum: float, integer: bool = False) -> Any:
+    def number(self, name: str, *, minimum: float, integer: bool = False) -> Any:
+        default = self.default(name)
         value = self.take(name, default)
         kind = "an integer" if integer else "a number"
         ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
@@ -216,19 +234,20 @@ class _Table:
             return default
         return value
 
-    def choice(self, name: str, default: str, choices: Sequence[str]) -> Any:
+    def choice(self, name: str, choices: Sequence[str]) -> Any:
+        default = self.default(name)
         value = self.take(name, default)
         if value not in choices:
             self.problem(name, f"expected one of {', '.join(choices)}, got {value!r}")
             return default
         return value
 
-    def table(self, name: str) -> _Table:
+    def table(self, name: str, settings: Any = None) -> _Table:
         value = self.take(name, {})
         if not isinstance(value, dict):
             self.problem(name, f"expected a table, got {value!r}")
             value = {}
-        return _Table(value, f"{self.key(name)}.", self._problems)
+        return _Table(value, f"{self.key(name)}.", self._problems, settings)
 
     def finish(self) -> None:
         for name in sorted(self._data):
@@ -269,7 +288,7 @@ def parse_models(raw: Any, prefix: str, origin: str, problems: list[Problem]) ->
             problems.append(Problem(where, "expected a table"))
             continue
         before = len(problems)
-        table = _Table(entry, f"{where}.", problems)
+        table = _Table(entry, f"{where}.", problems, ModelDecl)
         signature = table.string("signature", required=True)
         if signature is not None and (problem := signature_problem(signature)) is not None:
             table.problem("signature", f"{signature!r} {problem}")
@@ -279,7 +298,7 @@ def parse_models(raw: Any, prefix: str, origin: str, problems: list[Problem]) ->
         sha256 = table.string("sha256")
         if sha256 is not None and not _SHA256_HEX.match(sha256):
             table.problem("sha256", f"expected 64 hexadecimal digits, got {sha256!r}")
-        allow_change = table.boolean("allow_interface_change", False)
+        allow_change = table.boolean("allow_interface_change")
         sample = table.take("sample")
         if sample is not None and not isinstance(sample, dict):
             table.problem("sample", "expected a table of input key = value (nested arrays)")
@@ -288,6 +307,9 @@ def parse_models(raw: Any, prefix: str, origin: str, problems: list[Problem]) ->
                 if key not in inputs:
                     table.problem(f"sample.{key}", f"names no input (inputs are {sorted(inputs)})")
         limits = _model_limits(table, origin)
+        keep_devices = table.take("keep_devices")
+        if keep_devices is not None and not isinstance(keep_devices, bool):
+            table.problem("keep_devices", f"expected true or false, got {keep_devices!r}")
         table.finish()
         if len(problems) == before:
             models.append(
@@ -301,6 +323,7 @@ def parse_models(raw: Any, prefix: str, origin: str, problems: list[Problem]) ->
                     limits=limits,
                     sha256=sha256.lower() if sha256 else None,
                     allow_interface_change=allow_change,
+                    keep_devices=keep_devices,
                 )
             )
     return models
@@ -330,7 +353,7 @@ def _limits_table(table: _Table) -> dict[str, float]:
     given: dict[str, float] = {}
     for name, (minimum, integer) in _CHECK_BOUNDS.items():
         if table.has(name):
-            given[name] = table.number(name, minimum, minimum=minimum, integer=integer)
+            given[name] = table.number(name, minimum=minimum, integer=integer)
     table.finish()
     return given
 
@@ -343,11 +366,11 @@ def _model_limits(table: _Table, origin: str) -> dict[str, float] | None:
         table.take("limits")
         table.problem("limits", "only the config file may set a model's limits")
         return None
-    return _limits_table(table.table("limits"))
+    return _limits_table(table.table("limits", CheckLimits))
 
 
-def _path(table: _Table, name: str, default: str | None, base: Path) -> Path:
-    value = table.string(name, default, required=default is None)
+def _path(table: _Table, name: str, base: Path) -> Path:
+    value = table.string(name, required=True)
     return (base / (value or ".")).resolve()
 
 
@@ -366,16 +389,17 @@ def load(path: Path) -> Config:
 def parse(data: Mapping[str, Any], path: Path) -> Config:
     problems: list[Problem] = []
     base = path.parent
-    top = _Table(data, "", problems)
-    frozen_dir = _path(top, "frozen_dir", None, base)
-    serving_dir = _path(top, "serving_dir", None, base)
-    state_dir = _path(top, "state_dir", None, base)
-    discover = top.boolean("discover", True)
-    max_model_bytes = top.number("max_model_bytes", 2 * GiB, minimum=1, integer=True)
-    max_sidecar_bytes = top.number("max_sidecar_bytes", MiB, minimum=1, integer=True)
-    allow_interface_change = top.boolean("allow_interface_change", False)
-    keep_versions = top.number("keep_versions", 5, minimum=2, integer=True)
-    allow_ops = top.take("allow_ops", [])
+    top = _Table(data, "", problems, Config)
+    frozen_dir = _path(top, "frozen_dir", base)
+    serving_dir = _path(top, "serving_dir", base)
+    state_dir = _path(top, "state_dir", base)
+    discover = top.boolean("discover")
+    max_model_bytes = top.number("max_model_bytes", minimum=1, integer=True)
+    max_sidecar_bytes = top.number("max_sidecar_bytes", minimum=1, integer=True)
+    allow_interface_change = top.boolean("allow_interface_change")
+    keep_versions = top.number("keep_versions", minimum=2, integer=True)
+    keep_devices = top.boolean("keep_devices")
+    allow_ops = top.take("allow_ops", list(top.default("allow_ops")))
     if not isinstance(allow_ops, list) or not all(
         isinstance(op, str) and _OP_NAME.match(op) for op in allow_ops
     ):
@@ -387,32 +411,32 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         top.problem("allow_ops", f"{name!r} is not a refused op, so allowing it changes nothing")
     models = parse_models(top.take("models"), "models", "config", problems)
 
-    watch_table = top.table("watch")
-    quiet = watch_table.number("quiet_seconds", 2.0, minimum=0.0)
-    max_wait = watch_table.number("max_wait_seconds", 60.0, minimum=0.0)
+    watch_table = top.table("watch", WatchSettings)
+    quiet = watch_table.number("quiet_seconds", minimum=0.0)
+    max_wait = watch_table.number("max_wait_seconds", minimum=0.0)
     if max_wait < quiet:
         watch_table.problem("max_wait_seconds", f"must be >= quiet_seconds ({quiet})")
     watch_table.finish()
 
-    worker_table = top.table("worker")
+    worker_table = top.table("worker", WorkerSettings)
     worker = WorkerSettings(
-        timeout_seconds=worker_table.number("timeout_seconds", 1800.0, minimum=1.0),
-        warm=worker_table.boolean("warm", True),
-        retries=worker_table.number("retries", 3, minimum=0, integer=True),
+        timeout_seconds=worker_table.number("timeout_seconds", minimum=1.0),
+        warm=worker_table.boolean("warm"),
+        retries=worker_table.number("retries", minimum=0, integer=True),
     )
     worker_table.finish()
 
-    check = limits_over(CheckLimits(), _limits_table(top.table("check")))
+    check = limits_over(CheckLimits(), _limits_table(top.table("check", CheckLimits)))
 
-    log_table = top.table("log")
+    log_table = top.table("log", LogSettings)
     log = LogSettings(
-        format=log_table.choice("format", "auto", _LOG_FORMATS),
-        level=log_table.choice("level", "info", _LOG_LEVELS),
+        format=log_table.choice("format", _LOG_FORMATS),
+        level=log_table.choice("level", _LOG_LEVELS),
     )
     log_table.finish()
     default_signature = top.string("default_signature")
-    serving = _serving(top.table("serving"))
-    metrics_table = top.table("metrics")
+    serving = _serving(top.table("serving", ServingSettings))
+    metrics_table = top.table("metrics", MetricsSettings)
     listen = metrics_table.string("listen")
     if listen is not None and not _HOST_PORT.match(listen):
         metrics_table.problem("listen", f"expected HOST:PORT like 127.0.0.1:9464, got {listen!r}")
@@ -438,6 +462,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         allow_interface_change=allow_interface_change,
         keep_versions=keep_versions,
         allow_ops=tuple(sorted(set(allow_ops))),
+        keep_devices=keep_devices,
         models=tuple(models),
         watch=WatchSettings(quiet_seconds=float(quiet), max_wait_seconds=float(max_wait)),
         worker=worker,
@@ -474,9 +499,9 @@ def _serving(table: _Table) -> ServingSettings:
     settings = ServingSettings(
         rest_url=rest_url.rstrip("/") if rest_url else None,
         grpc_target=grpc_target,
-        model_name=table.string("model_name", "model"),
-        live_timeout_seconds=float(table.number("live_timeout_seconds", 300.0, minimum=1.0)),
-        rollback_on_failure=table.boolean("rollback_on_failure", True),
+        model_name=table.string("model_name"),
+        live_timeout_seconds=float(table.number("live_timeout_seconds", minimum=1.0)),
+        rollback_on_failure=table.boolean("rollback_on_failure"),
     )
     table.finish()
     return settings

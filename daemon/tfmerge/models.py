@@ -49,6 +49,8 @@ class ModelSpec:
     declared_sha256: tuple[tuple[str, str], ...] = ()
     #: The entry's ``allow_interface_change``: a breaking change of its signature is accepted.
     allow_interface_change: bool = False
+    #: Keep the graph's device pins (``keep_devices``) instead of clearing them.
+    keep_devices: bool = False
 
     @property
     def discovered(self) -> bool:
@@ -136,6 +138,7 @@ class AcceptedModel:
     kept: bool = False
     #: Input and output types as the signature declares them, for `tfmerge status`.
     tensors: Mapping[str, Any] = field(default_factory=dict)
+    keep_devices: bool = False
 
     @property
     def suffix(self) -> str:
@@ -157,6 +160,7 @@ class AcceptedModel:
             outputs=self.outputs,
             sample=self.sample,
             origin=self.origin,
+            keep_devices=self.keep_devices,
         )
 
 

@@ -26,7 +26,9 @@ from tfmerge.models import ModelRejected, ModelSpec, Rejection
 #: Binary first: NAME.pb wins over NAME.pbtxt when a sidecar could mean either.
 MODEL_SUFFIXES = tuple(sorted(_SUFFIXES))
 #: Bumped when the layout of a merged SavedModel changes, so old versions are rebuilt.
-FORMAT_VERSION = 1
+#: 2: device pins cleared, v1 loop frames scoped, constants lifted out of function bodies, and
+#: the small constants of inputs that are their own data shard restored from it.
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -263,6 +265,9 @@ def _resolve(config: Config, frozen: FrozenDir) -> Resolution:
                 origin=decl.origin,
                 declared_sha256=tuple(digests),
                 allow_interface_change=decl.allow_interface_change,
+                keep_devices=(
+                    config.keep_devices if decl.keep_devices is None else decl.keep_devices
+                ),
             )
         )
     return Resolution(tuple(specs), tuple(rejections), frozenset(refused), frozenset(broken))
@@ -284,6 +289,7 @@ def spec_key(spec: ModelSpec) -> dict[str, Any]:
         "inputs": dict(sorted(spec.inputs.items())) if spec.inputs is not None else None,
         "outputs": dict(sorted(spec.outputs.items())) if spec.outputs is not None else None,
         "sample": spec.sample,
+        "keep_devices": spec.keep_devices,
     }
 
 

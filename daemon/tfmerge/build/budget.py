@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from tfmerge.build import probe, staticcheck, tfcore
+from tfmerge.build import devices, probe, staticcheck, tfcore
 from tfmerge.limits import ModelLimits, human_bytes
 from tfmerge.logs import get_logger
 from tfmerge.models import LargeConstant, ModelRejected, ModelSpec, TensorSig
@@ -141,11 +141,7 @@ def _refusal(error: Exception, limits: ModelLimits) -> ModelRejected:
             f"{human_bytes(limits.memory_bytes)} ({type(error).__name__}: {_gist(message)}); "
             "a model that needs more can be given larger `limits`",
         )
-    return ModelRejected(
-        "source_failed",
-        f"the source graph fails on the probe input ({type(error).__name__}: {message}); "
-        "add a `sample` to its declaration",
-    )
+    return devices.source_failure(error)
 
 
 def _gist(message: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from tfmerge import oppolicy
-from tfmerge.build import attribution, budget, constants, reading, signatures, staticcheck
+from tfmerge.build import attribution, budget, quirks, reading, signatures, staticcheck
 from tfmerge.build.writer import Writer
 from tfmerge.config import Config
 from tfmerge.folders.state import Store
@@ -119,11 +119,12 @@ def _check_read(
     oppolicy.check_ops(read.graph_def, config.allow_ops)
     checking.step("import")
     staticcheck.check_library(read.graph_def)
-    light, large = constants.split_large_constants(read.graph_def, read.payloads, read.offsets)
+    prepared = quirks.prepare(read, spec)
+    light, large = prepared.light, prepared.large
     # From here on only the light graph and the constants' arrays (views of read.data) remain.
     read.graph_def = None
     init_nodes = signatures.initializer_nodes(light)
-    graph = signatures.import_graph(light)
+    graph = signatures.import_graph(prepared.source)
     inputs, outputs = spec.inputs, spec.outputs
     if inputs is None or outputs is None:
         inputs, outputs = signatures.infer_signature(graph, [c.name for c in large])
@@ -149,9 +150,16 @@ def _check_read(
             )
     checking.step("probe")
     feeds, expected = budget.probe_run(
-        spec, graph, light, init_nodes, input_sigs, output_sigs, large, checking.limits
+        spec,
+        graph,
+        prepared.source,
+        init_nodes,
+        input_sigs,
+        output_sigs,
+        prepared.source_constants,
+        checking.limits,
     )
-    del graph
+    del graph, prepared
     if writer is not None:
         writer.accept(read, large)
     del large
@@ -166,6 +174,7 @@ def _check_read(
         origin=spec.origin,
         kept=kept,
         tensors=tensors,
+        keep_devices=spec.keep_devices,
     )
     return Checked(model, light, init_nodes, input_sigs, output_sigs, feeds, expected)
 

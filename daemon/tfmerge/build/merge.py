@@ -95,6 +95,10 @@ def _rename_funcs_in_node(node: Any, renames: Mapping[str, str]) -> None:
         _rename_funcs_in_attr(value, renames)
 
 
+#: The ops that open a TF1 (v1 control flow) while loop's frame, named by ``frame_name``.
+_ENTER_OPS = frozenset({"Enter", "RefEnter"})
+
+
 def _scope_node(node: Any, scope: str, renames: Mapping[str, str]) -> None:
     node.name = f"{scope}/{node.name}"
     if node.input:
@@ -105,6 +109,12 @@ def _scope_node(node: Any, scope: str, renames: Mapping[str, str]) -> None:
             b"loc:@" + scope.encode() + b"/" + s[len(b"loc:@") :] if s.startswith(b"loc:@") else s
             for s in colocation.list.s
         ]
+    frame = node.attr.get("frame_name")
+    if frame is not None and frame.s and node.op in _ENTER_OPS:
+        # The executor tells loops apart by frame name: two graphs' "rnn/while/while_context"
+        # would be one loop with two LoopConds in a run that reaches both (MultiInference, an
+        # init op that fills two tables each computed by a loop).
+        frame.s = scope.encode() + b"/" + frame.s
     shared = node.attr.get("shared_name")
     if shared is not None and shared.s:
         # Tables and variables with the same shared_name would be one resource in a session.

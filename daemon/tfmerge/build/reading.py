@@ -32,9 +32,11 @@ _FEED_ALIGNMENT = 64
 class GraphRead:
     """A graph file read once: its digest, its bytes and its GraphDef.
 
-    For a binary GraphDef the large constants' bytes are not in graph_def: ``payloads`` maps
-    their node names to views of ``data`` (see split_large_constants), and ``offsets`` to
-    where those bytes start in the file.
+    For a binary GraphDef the bytes of every constant that may move into ``variables/``
+    (constants.SHARD_CONSTANT_BYTES or more) are not in graph_def: ``payloads`` maps their
+    node names (wire.function_key for those in function bodies) to views of ``data``, and
+    ``offsets`` to where those bytes start in the file. quirks.prepare puts back the ones
+    that stay in the graph.
     """
 
     sha256: str
@@ -61,7 +63,8 @@ def new_buffer(size: int) -> mmap.mmap:
 
 def scratch_size(file_size: int) -> int:
     """What open_graph needs for aligned copies of a file's constants, padding included."""
-    return file_size + file_size // 1024 + 2 * _FEED_ALIGNMENT
+    most_payloads = file_size // constants.SHARD_CONSTANT_BYTES + 1
+    return file_size + _FEED_ALIGNMENT * (most_payloads + 1)
 
 
 def buffer_size(file_size: int) -> int:
@@ -103,7 +106,7 @@ def open_graph(data: memoryview, relpath: str, scratch: memoryview) -> GraphRead
         found: list[wire.Payload] = []
         if not relpath.endswith(".pbtxt"):
             try:
-                stripped, found = wire.split_payloads(data, constants.LARGE_CONSTANT_BYTES)
+                stripped, found = wire.split_payloads(data, constants.SHARD_CONSTANT_BYTES)
             except wire.Unusual:
                 stripped, found = data, []
         graph_def = parse_graph_def(data, relpath, stripped if found else None)

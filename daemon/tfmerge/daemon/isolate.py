@@ -1,4 +1,4 @@
-"""One build over as many workers as it takes: a model that ends its worker is left out.
+"""What a build does without a model that ended its worker (tfmerge.daemon.runner).
 
 A worker that dies (a crash inside TensorFlow, an abort) or overruns a step while it checks
 a model has that model's name and step on its pipe (tfmerge.progress). The build then goes
@@ -15,85 +15,31 @@ tried once more. No TensorFlow here.
 from __future__ import annotations
 
 import signal
-import time
-from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from tfmerge import limits
 from tfmerge.config import Config
-from tfmerge.daemon.worker import ModelFailed, Worker, make_request
-from tfmerge.folders.publish import clear_staging
+from tfmerge.daemon.worker import ModelFailed
 from tfmerge.folders.state import Store
 from tfmerge.logs import get_logger
 from tfmerge.models import Rejection
 from tfmerge.specs import Resolution
 
-if TYPE_CHECKING:
-    from tfmerge.models import BuildResult
-
 _FROM_OUTSIDE = frozenset({signal.SIGKILL, signal.SIGTERM})
 
 
-def run_build(
-    config: Config,
-    resolution: Resolution,
-    staging: Path,
-    build_id: str,
-    *,
-    newest_fingerprint: str | None,
-    raw_fingerprint: str | None,
-    first: Worker | None,
-    wake_fd: int | None,
-    should_abort: Callable[[], bool],
-    on_wait: Callable[[], float | None],
-) -> BuildResult:
-    """The build's result, from the first worker that lives to give one.
-
-    ``first`` is a worker already started (warm), or None. Each worker is stopped before
-    this returns; ``[worker] timeout_seconds`` bounds them all together.
-    """
-    started = time.monotonic()
-    killed_once: set[str] = set()
-    reported: set[tuple[Any, ...]] = set()
-    worker = first if first is not None and first.alive() else Worker(config)
-    while True:
-        request = make_request(
-            config,
-            resolution,
-            staging,
-            build_id,
-            newest_fingerprint,
-            raw_fingerprint,
-            frozenset(reported),
-        )
-        try:
-            return worker.run(
-                request,
-                timeout=config.worker.timeout_seconds,
-                started=started,
-                wake_fd=wake_fd,
-                should_abort=should_abort,
-                on_wait=on_wait,
-            )
-        except ModelFailed as failure:
-            reported |= worker.reported
-            resolution = _without(config, resolution, failure, build_id, killed_once)
-            clear_staging(staging)
-        finally:
-            worker.stop()
-        worker = Worker(config)
-
-
-def _without(
+def leave_out(
     config: Config,
     resolution: Resolution,
     failure: ModelFailed,
     build_id: str,
     killed_once: set[str],
 ) -> Resolution:
-    """The resolution for the next worker: the failed model refused, or tried once more."""
+    """The resolution for the next worker: the failed model refused, or tried once more.
+
+    ``killed_once`` holds the signatures a SIGKILL or SIGTERM already cost one try in this
+    build; it is updated here.
+    """
     step = failure.step
     log = get_logger()
     fields = {"signature": step.signature, "file": step.file, "step": step.step}

@@ -34,7 +34,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Protocol, Self
 
 from watchdog.events import (
     FileClosedEvent,
@@ -49,6 +49,28 @@ from tfmerge.daemon.debounce import Change, ChangeKind
 from tfmerge.inputs import is_input_path
 
 OnChange = Callable[[Change], None]
+
+
+class Watcher(Protocol):
+    """The one seam between the daemon and the operating system's file notification."""
+
+    def start(self) -> None:
+        """Start reporting changes to the ``on_change`` the watcher was made with."""
+        ...
+
+    def stop(self) -> None:
+        """Stop reporting; no ``on_change`` call runs once this returns."""
+        ...
+
+
+class WatcherFactory(Protocol):
+    """Makes a watcher of ``root`` (recursively) and of the single files ``also_watch``;
+    :class:`FolderWatcher` is one."""
+
+    def __call__(
+        self, root: Path, on_change: OnChange, *, also_watch: Sequence[Path] = ...
+    ) -> Watcher: ...
+
 
 _KIND_OF_EVENT: Final[Mapping[type[Any], ChangeKind]] = {
     FileCreatedEvent: "created",

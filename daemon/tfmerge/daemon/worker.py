@@ -29,6 +29,8 @@ import structlog
 
 from tfmerge import logs, progress
 from tfmerge.config import Config
+from tfmerge.daemon.output import OutputRelay
+from tfmerge.daemon.wakeup import drain
 from tfmerge.specs import Resolution
 
 if TYPE_CHECKING:
@@ -79,7 +81,9 @@ class BuildAborted(Exception):
 
 
 @dataclass(frozen=True)
-class _Request:
+class BuildRequest:
+    """What a worker is asked to build: the arguments of ``tfmerge.build.run.run_build``."""
+
     config: Config
     resolution: Resolution
     staging: str
@@ -109,8 +113,13 @@ class _OncePerBuild:
         return event
 
 
-def _child_main(conn: Connection, log_format: str, log_level: str, supervisor: int) -> None:
+def _child_main(
+    conn: Connection, output: Connection, log_format: str, log_level: str, supervisor: int
+) -> None:
     """Entry point of the worker process."""
+    # Before TensorFlow loads: its C++ runtime writes to fd 2, which the supervisor relays.
+    os.dup2(output.fileno(), 2)
+    output.close()
     # The supervisor handles SIGINT for the whole process group; a terminal's Ctrl-C must not
     # kill a build half-way before the supervisor decides what to do with it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -125,7 +134,7 @@ def _child_main(conn: Connection, log_format: str, log_level: str, supervisor: i
 
     conn.send(("ready", os.getpid()))
     try:
-        request: _Request = conn.recv()
+        request: BuildRequest = conn.recv()
     except EOFError:
         return
     once.seen.update(request.reported)
@@ -171,15 +180,27 @@ class Worker:
     def __init__(self, config: Config) -> None:
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe(duplex=True)
+        output_read, output_write = context.Pipe(duplex=False)
         self._conn = parent
         self._process: BaseProcess = context.Process(
             target=_child_main,
-            args=(child, config.log.format, config.log.level, os.getpid()),
+            args=(child, output_write, config.log.format, config.log.level, os.getpid()),
             name="tfmerge-worker",
             daemon=True,
         )
-        self._process.start()
-        child.close()
+        try:
+            self._process.start()
+        except BaseException:
+            for end in (parent, output_read):
+                end.close()
+            raise
+        finally:
+            child.close()
+            output_write.close()
+        self._output = OutputRelay(
+            output_read, ended=self._process.sentinel, worker_pid=self._process.pid
+        )
+        self._output.start()
         self.started = time.monotonic()
         #: The step of a model's check the worker last reported, and when it must end.
         self._step: progress.Step | None = None
@@ -196,7 +217,7 @@ class Worker:
 
     def run(
         self,
-        request: _Request,
+        request: BuildRequest,
         *,
         timeout: float,
         wake_fd: int | None,
@@ -211,6 +232,7 @@ class Worker:
         time.monotonic() value; default now), for a build that an earlier worker began.
         """
         deadline = (time.monotonic() if started is None else started) + timeout
+        self._output.context = {"build_id": request.build_id}
         try:
             self._conn.send(request)
         except (BrokenPipeError, ConnectionResetError, EOFError):
@@ -308,7 +330,8 @@ class Worker:
         return f"the worker exited with status {code} without a result"
 
     def stop(self) -> None:
-        """End the child: SIGTERM, then SIGKILL after a grace period. Idempotent."""
+        """End the child: SIGTERM, then SIGKILL after a grace period; relay the last of its
+        output. Idempotent."""
         if self._process.is_alive():
             self._process.terminate()
             self._process.join(_TERMINATE_GRACE_SECONDS)
@@ -318,26 +341,4 @@ class Worker:
         else:
             self._process.join()
         self._conn.close()
-
-
-def drain(fd: int) -> None:
-    """Empty a non-blocking wake-up pipe."""
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass
-
-
-def make_request(
-    config: Config,
-    resolution: Resolution,
-    staging: Path,
-    build_id: str,
-    newest_fingerprint: str | None,
-    raw_fingerprint: str | None,
-    reported: frozenset[tuple[Any, ...]] = frozenset(),
-) -> _Request:
-    return _Request(
-        config, resolution, str(staging), build_id, newest_fingerprint, raw_fingerprint, reported
-    )
+        self._output.join()

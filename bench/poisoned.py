@@ -1,6 +1,7 @@
 """Each poisoned graph next to a good one, under the real daemon with its default limits.
 
     python -m bench.poisoned [--only NAME,...] [--json PATH]
+    python -m bench.poisoned --from-json PATH     # write docs/benchmarks-poisoned.md again
 
 For each graph of tests/poisongraphs.py: a daemon is started on an empty frozen_dir and left
 to warm its worker; then the poisoned graph and a good model (a small dense classifier) are
@@ -126,11 +127,85 @@ def measure(name: str, write: Callable[[Path], Any] | None, good: Path) -> dict[
     }
 
 
+#: What each graph is, for the page.
+_WHAT = {
+    "baseline": "the good model alone",
+    "huge_placeholder": "an input of float32 [1e6, 1e6, 1000]",
+    "big_placeholder": "an input of float32 [30000, 30000]",
+    "recursion": "a function calling itself (PartitionedCall)",
+    "recursion_stateful": "the same through StatefulPartitionedCall",
+    "recursion_by_name": "the same, called by name",
+    "deep_calls": "5000 functions, each calling the next",
+    "while_true_v1": "while True (TF1 loop)",
+    "while_true_v2": "while True (TF2 StatelessWhile)",
+    "splat_constant": "a 12 GB constant written as one float",
+    "fill": "Fill of 6 GB, constant dimensions",
+    "fill_dynamic": "Fill of 6 GB, dimensions known at run time",
+    "list_growth": "a TensorList growing 1 MiB a step, forever",
+    "abort": "an Abort op (allow_ops): SIGABRT",
+    "fifo_reader": "ReadFile of a pipe no one writes (allow_ops)",
+}
+
+
+def render(results: list[dict[str, Any]]) -> str:
+    rows = []
+    for r in results:
+        refused = ", ".join(f"`{code}`" for _file, code in r["refused"]) or "none"
+        size = "" if r["size"] is None else f"{r['size']:,}"
+        rows.append(
+            f"| `{r['graph']}` | {_WHAT.get(r['graph'], '')} | {size} | {refused} | "
+            f"{r['to_version_seconds']:.2f} | {r['build_seconds']:.2f} | {r['workers']} | "
+            f"{human_bytes(r['worker_peak_bytes'])} |"
+        )
+    table = "\n".join(rows)
+    return f"""# Poisoned graphs: what one costs the others
+
+Each graph of `tests/poisongraphs.py` was dropped into `frozen_dir` together with a good
+model (a small dense classifier), under a running `tfmerge run` with a warm worker and the
+default [`[check]`](config.md#check) limits (120 s, 4 GiB, 1 GiB). In every case the good
+model was published in that same build, and the poisoned graph refused with the code shown.
+
+- **to version**: from the rename of both files into `frozen_dir` to `version_published`,
+  the 2 s quiet period included.
+- **build**: `build_started` to `version_published`.
+- **workers**: the workers seen during the build, the next warm one included; 3 means one
+  was replaced (`worker_replaced`) and a fresh one finished the build.
+- **peak**: the largest VmHWM (peak resident memory) of those workers, sampled every 20 ms.
+  An idle worker with TensorFlow imported holds about 440 MiB.
+
+| graph | what it is | bytes | refused as | to version (s) | build (s) | workers | peak |
+|---|---|---:|---|---:|---:|---:|---:|
+{table}
+
+The static refusals (`probe_too_large`, `recursive_function`, `tensor_too_large`) cost the
+build a fraction of a second and no memory. The two loops that never end cost the model's
+`seconds` (120 s by default), after which the probe run fails with `DeadlineExceeded`; a
+model's `limits.seconds` shortens or lengthens that. `fill_dynamic` fails at once under the
+memory window; `list_growth` grows to the window (4 GiB above what the worker held) and then
+fails with `ResourceExhausted`, where the kernel's out-of-memory killer would otherwise
+have ended the worker. `abort` costs a worker: its SIGABRT is pinned on it and a fresh
+worker (a TensorFlow import, about 2 s here) finishes the build. `fifo_reader` is one kernel
+that ignores the run's deadline, so the daemon ends the worker once the step has taken one
+and a half times the model's `seconds` and 2 s more (182 s), then goes on in a fresh one.
+Each of these refusals is remembered: the next build refuses the same bytes without
+running them.
+
+Regenerate with `python -m bench.poisoned` (about 10 minutes: the two loops and the pipe
+each take their full time), then `python -m bench.poisoned --from-json
+bench/.work/poisoned/results.json`.
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated graph names")
     parser.add_argument("--json", type=Path, default=OUT / "results.json")
+    parser.add_argument("--from-json", type=Path, help="render the page from a saved run")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks-poisoned.md")
     args = parser.parse_args(argv)
+    if args.from_json is not None:
+        args.out.write_text(render(json.loads(args.from_json.read_text())))
+        return 0
     OUT.mkdir(parents=True, exist_ok=True)
     good = graphgen.write_dense(OUT / "good.pb", seed=90, in_dim=6).path
     poisons = _poisons(OUT)

@@ -9,7 +9,7 @@ renamed into frozen_dir together. Measured: the time from that moment to the dae
 ``version_published`` for the good model (the 2 s quiet period included), the build's own
 time (``build_started`` to ``version_published``), the peak resident memory (VmHWM) of every
 worker of that build, sampled every 20 ms, and how the poisoned graph was refused. The
-baseline is the good model alone. [check] is left at its defaults (120 s, 4 GiB, 1 GiB).
+baseline is the good model alone. [check] is left at its defaults (60 s, 4 GiB, 1 GiB).
 """
 
 from __future__ import annotations
@@ -124,6 +124,20 @@ def measure(name: str, write: Callable[[Path], Any] | None, good: Path) -> dict[
         "refused": [(e.get("file"), e.get("code")) for e in refused],
         "replaced": [e.get("reason") for e in events if e.get("event") == "worker_replaced"],
         "outcome": finished["outcome"],
+        "host": _host(),
+    }
+
+
+def _host() -> dict[str, Any]:
+    memory = next(
+        int(line.split()[1]) * 1024
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal:")
+    )
+    return {
+        "cpus": os.cpu_count(),
+        "memory_bytes": memory,
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
 
 
@@ -158,12 +172,18 @@ def render(results: list[dict[str, Any]]) -> str:
             f"{human_bytes(r['worker_peak_bytes'])} |"
         )
     table = "\n".join(rows)
+    host = results[0].get("host", {})
+    measured = (
+        f"Measured on {host.get('date')} on a host of {host.get('cpus')} cores and "
+        f"{human_bytes(host.get('memory_bytes', 0))}, TensorFlow 2.21 on the CPU."
+    )
     return f"""# Poisoned graphs: what one costs the others
 
 Each graph of `tests/poisongraphs.py` was dropped into `frozen_dir` together with a good
 model (a small dense classifier), under a running `tfmerge run` with a warm worker and the
-default [`[check]`](config.md#check) limits (120 s, 4 GiB, 1 GiB). In every case the good
+default [`[check]`](config.md#check) limits (60 s, 4 GiB, 1 GiB). In every case the good
 model was published in that same build, and the poisoned graph refused with the code shown.
+{measured}
 
 - **to version**: from the rename of both files into `frozen_dir` to `version_published`,
   the 2 s quiet period included.
@@ -179,18 +199,18 @@ model was published in that same build, and the poisoned graph refused with the 
 
 The static refusals (`probe_too_large`, `recursive_function`, `tensor_too_large`) cost the
 build a fraction of a second and no memory. The two loops that never end cost the model's
-`seconds` (120 s by default), after which the probe run fails with `DeadlineExceeded`; a
+`seconds` (60 s by default), after which the probe run fails with `DeadlineExceeded`; a
 model's `limits.seconds` shortens or lengthens that. `fill_dynamic` fails at once under the
 memory window; `list_growth` grows to the window (4 GiB above what the worker held) and then
 fails with `ResourceExhausted`, where the kernel's out-of-memory killer would otherwise
 have ended the worker. `abort` costs a worker: its SIGABRT is pinned on it and a fresh
 worker (a TensorFlow import, about 2 s here) finishes the build. `fifo_reader` is one kernel
 that ignores the run's deadline, so the daemon ends the worker once the step has taken one
-and a half times the model's `seconds` and 2 s more (182 s), then goes on in a fresh one.
+and a half times the model's `seconds` and 2 s more (92 s), then goes on in a fresh one.
 Each of these refusals is remembered: the next build refuses the same bytes without
 running them.
 
-Regenerate with `python -m bench.poisoned` (about 10 minutes: the two loops and the pipe
+Regenerate with `python -m bench.poisoned` (about 5 minutes: the two loops and the pipe
 each take their full time), then `python -m bench.poisoned --from-json
 bench/.work/poisoned/results.json`.
 """

@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tfmerge import exitcodes
+from tfmerge import cli, exitcodes
 
 import graphgen
 import poisongraphs
 from daemonlib import DaemonProcess
 from graphgen import FrozenModel
-from projectlib import Project, model_entry, named, one
+from projectlib import Project, model_entry, named, one, parse_events
 from servinglib import assert_same_outputs, highest, manifest, run_signatures, versions
 
 pytestmark = pytest.mark.timeout(600)
@@ -269,3 +269,12 @@ def test_history_files_stay_one_line_per_version(
     assert code == exitcodes.CONFIG
     problems = one(events, "config_invalid")["problems"]
     assert any(p.startswith("models[0].signature: 'a,b' holds a comma") for p in problems)
+
+
+def test_inspect_refuses_a_recursive_graph_instead_of_crashing(
+    poisoned: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    assert cli.main(["inspect", str(poisoned["recursion.pb"])]) == exitcodes.FAILED
+    failed = one(parse_events(capsys.readouterr().err), "inspect_failed")
+    assert failed["code"] == "recursive_function"

@@ -140,7 +140,7 @@ def _check(config: Config) -> int:
 
 def _inspect(path: Path, *, as_json: bool) -> int:
     from tfmerge import oppolicy
-    from tfmerge.build import constants, devices, lifting, reading, signatures
+    from tfmerge.build import constants, devices, lifting, reading, signatures, staticcheck
     from tfmerge.models import ModelRejected
 
     log = get_logger(file=str(path))
@@ -148,6 +148,8 @@ def _inspect(path: Path, *, as_json: bool) -> int:
         # The same reader as a build's, with no size limit: inspect is run on purpose.
         read = reading.read_graph(path, path.name, 1 << 62)
         graph_def = read.graph_def
+        # Before anything walks or imports the library: recursion would crash this command.
+        staticcheck.check_library(graph_def)
         lifting.restore_function_payloads(graph_def, read.payloads, read.offsets)
         pinned = devices.pinned_devices(graph_def)
         light, large = constants.split_large_constants(graph_def, read.payloads, read.offsets)

@@ -107,7 +107,7 @@ class CheckLimits:
     (tfmerge.limits.for_model); a ``[[models]]`` entry may set its own."""
 
     #: Each step of one model's check (read, import, probe run), plus 1 s per 10 MiB of file.
-    seconds: float = 120.0
+    seconds: float = 60.0
     #: Memory the import and probe run may take on top of what the process holds, plus twice
     #: the file's size.
     memory_bytes: int = 4 * GiB

@@ -26,6 +26,7 @@ TensorFlow is imported inside the writers, as in graphgen.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,19 @@ def big_placeholder(path: Path) -> Path:
 
 
 def _calling_graph() -> Any:
-    """x -> PartitionedCall(outer) -> y, outer's body calling inner; both made by TensorFlow."""
+    """x -> PartitionedCall(outer) -> y, outer's body calling inner; both made by TensorFlow.
+
+    Traced once per process (a trace costs about a second); each caller gets a copy.
+    """
+    import tensorflow as tf
+
+    copy = tf.compat.v1.GraphDef()
+    copy.CopyFrom(_traced_calling_graph())
+    return copy
+
+
+@functools.cache
+def _traced_calling_graph() -> Any:
     import tensorflow as tf
 
     @tf.function(autograph=False)

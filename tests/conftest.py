@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -56,3 +58,18 @@ def no_leaked_threads_or_children() -> Iterator[None]:
     if leaked_children:
         problems.append(f"child processes left running: {sorted(leaked_children)}")
     pytest.fail("; ".join(problems))
+
+
+@pytest.fixture(scope="session")
+def faultfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/faultfs.c built for LD_PRELOAD: writes that fail, folders that are read-only."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build the fault-injection library")
+    library = tmp_path_factory.mktemp("faultfs") / "faultfs.so"
+    source = Path(__file__).resolve().parent / "faultfs.c"
+    subprocess.run(
+        [compiler, "-shared", "-fPIC", "-O2", "-o", str(library), str(source), "-ldl"],
+        check=True,
+    )
+    return library

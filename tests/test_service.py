@@ -31,7 +31,7 @@ from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 from structlog.typing import EventDict, WrappedLogger
 
-from tfmerge import exitcodes, specs
+from tfmerge import exitcodes, limits, progress, specs
 from tfmerge.config import Config
 from tfmerge.config import load as load_config
 from tfmerge.daemon.debounce import Change
@@ -39,8 +39,9 @@ from tfmerge.daemon.notify import Notifier
 from tfmerge.daemon.runner import Supervision, WorkerRunner
 from tfmerge.daemon.service import Daemon
 from tfmerge.daemon.watch import OnChange
-from tfmerge.daemon.worker import BuildAborted, BuildRequest, WorkerError
+from tfmerge.daemon.worker import BuildAborted, BuildRequest, ModelFailed, WorkerError
 from tfmerge.folders.publish import MANIFEST, STAGING_PREFIX, versions
+from tfmerge.folders.state import Store
 from tfmerge.models import AcceptedModel, BuildResult
 
 pytestmark = pytest.mark.timeout(60)
@@ -157,6 +158,7 @@ class ScriptedWorker:
         self.waits_before = 0
         self.dead = False
         self.stopped = False
+        self.reported: set[tuple[Any, ...]] = set()
 
     def alive(self) -> bool:
         return not (self.dead or self.stopped)
@@ -169,6 +171,7 @@ class ScriptedWorker:
         wake_fd: int | None,
         should_abort: Callable[[], bool],
         on_wait: Callable[[], float | None],
+        started: float | None = None,
     ) -> BuildResult:
         assert self.ran_at is None, "a worker serves exactly one build"
         assert self.alive(), "a build given to a worker that has ended"
@@ -252,7 +255,6 @@ def disk_full(build: Build) -> BuildResult:
 def runs_until_stopped(build: Build) -> BuildResult:
     """A build half-way through writing staging when the daemon is asked to stop."""
     staging = Path(build.request.staging)
-    staging.mkdir()
     (staging / "saved_model.pb").write_bytes(b"half")
     while not build.should_abort():
         build.rig.timeline.wait(build.on_wait())
@@ -619,6 +621,80 @@ def test_a_warm_worker_that_died_while_idle_is_replaced_for_the_build(rig: Rig) 
         (4, 12.0, None, True),
     ]
     assert rig.versions() == [1, 2]
+
+
+def dies_on(signature: str, number: int, seen: list[BuildRequest]) -> Play:
+    """The worker dies by signal number while it checks one model, staging half written."""
+
+    def play(build: Build) -> BuildResult:
+        seen.append(build.request)
+        (Path(build.request.staging) / "saved_model.pb").write_bytes(b"half")
+        build.worker.dead = True
+        spec = next(s for s in build.request.resolution.specs if s.signature == signature)
+        step = progress.Step(signature, spec.relpath, "probe", 120.0, "5" * 64)
+        reason = f"the worker was killed by {signal.Signals(number).name}"
+        raise ModelFailed(step, "crashed", reason, signal=number)
+
+    return play
+
+
+def recorded(seen: list[BuildRequest]) -> Play:
+    def play(build: Build) -> BuildResult:
+        seen.append(build.request)
+        assert list(Path(build.request.staging).iterdir()) == []
+        return publishes(build)
+
+    return play
+
+
+def test_a_worker_that_dies_on_a_model_is_replaced_and_the_build_goes_on_without_it(
+    rig: Rig,
+) -> None:
+    (rig.frozen / "b.pb").write_bytes(b"graph b")
+    seen: list[BuildRequest] = []
+    rig.workers.script(dies_on("b", signal.SIGABRT, seen), recorded(seen))
+    rig.timeline.at(10, rig.stop)
+    assert rig.run() == exitcodes.OK
+
+    (replaced,) = rig.named("worker_replaced")
+    assert (replaced["signature"], replaced["step"], replaced["refused"]) == ("b", "probe", True)
+    assert "SIGABRT" in replaced["reason"]
+    (finished,) = rig.named("build_finished")
+    assert (finished["outcome"], finished["added"]) == ("published", ["a"])
+    assert rig.named("worker_crashed") == rig.named("build_retry") == []
+    # One build: the same build_id and staging, handed to a fresh worker without "b".
+    first, second = seen
+    assert (second.build_id, second.staging) == (first.build_id, first.staging)
+    assert [s.signature for s in second.resolution.specs] == ["a"]
+    assert "b" in second.resolution.refused_signatures
+    (refusal,) = second.resolution.rejections
+    assert (refusal.code, refusal.file, refusal.signature) == ("probe_crashed", "b.pb", "b")
+    # Remembered: the same bytes are not run again until the file changes.
+    config = load_config(rig.config_path)
+    spec = next(s for s in first.resolution.specs if s.signature == "b")
+    verdict = Store(config.state_dir).verdict(limits.verdict_key(config, spec, "5" * 64))
+    assert verdict is not None
+    assert verdict["code"] == "probe_crashed"
+    assert [w.stopped for w in rig.workers.started] == [True, True]
+
+
+def test_a_sigkill_on_a_model_s_check_is_pinned_on_it_only_the_second_time(rig: Rig) -> None:
+    (rig.frozen / "b.pb").write_bytes(b"graph b")
+    seen: list[BuildRequest] = []
+    rig.workers.script(
+        dies_on("a", signal.SIGKILL, seen), dies_on("a", signal.SIGKILL, seen), recorded(seen)
+    )
+    rig.timeline.at(10, rig.stop)
+    assert rig.run() == exitcodes.OK
+
+    assert [e["refused"] for e in rig.named("worker_replaced")] == [False, True]
+    assert [[s.signature for s in r.resolution.specs] for r in seen] == [
+        ["a", "b"],
+        ["a", "b"],
+        ["b"],
+    ]
+    (finished,) = rig.named("build_finished")
+    assert (finished["outcome"], finished["added"]) == ("published", ["b"])
 
 
 # --- what systemd hears --------------------------------------------------------------------

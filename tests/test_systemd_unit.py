@@ -207,6 +207,7 @@ def test_daemon_contract_directives() -> None:
     assert single("Service", "Restart") == "on-failure"
     prevent = " ".join(values("Service", "RestartPreventExitStatus")).split()
     assert str(exitcodes.CONFIG) in prevent
+    assert str(exitcodes.FOLDER) in prevent
     assert single("Service", "KillMode") == "mixed"
     assert single("Service", "OOMPolicy") == "continue"
     assert single("Service", "StateDirectory") == "tfmerge"

@@ -12,9 +12,8 @@ from hypothesis import strategies as st
 
 from tfmerge import config as config_module
 from tfmerge import specs
-from tfmerge.build import devices
+from tfmerge.build import devices, scopes
 from tfmerge.build.bundle import Entry
-from tfmerge.build.merge import scope_for
 from tfmerge.build.variables import Variables, restore_groups
 from tfmerge.config import ConfigError
 from tfmerge.folders import publish
@@ -226,42 +225,71 @@ def test_paths_that_leave_frozen_dir_are_refused(tmp_path: Path) -> None:
     assert specs.check_path(frozen, "gone.pb").code == "missing_file"  # type: ignore[union-attr]
 
 
-@given(st.text(min_size=1, max_size=40))
-def test_scope_names_are_valid_node_names(signature: str) -> None:
-    scope = scope_for(signature)
-    assert _VALID_NODE_NAME.match(scope), scope
-
-
-@given(st.text(min_size=1, max_size=20), st.text(min_size=1, max_size=20))
-def test_different_signatures_never_share_a_scope(first: str, second: str) -> None:
-    if first != second:
-        assert scope_for(first) != scope_for(second)
+@given(st.sets(st.text(min_size=1, max_size=30), min_size=1, max_size=6))
+def test_scopes_are_valid_distinct_and_never_tfmerge_s_own(signatures: set[str]) -> None:
+    assigned = scopes.assign(signatures)
+    assert set(assigned) == signatures
+    assert len(set(assigned.values())) == len(signatures)
+    for scope in assigned.values():
+        assert _VALID_NODE_NAME.match(scope), scope
+        assert scope not in scopes.RESERVED
 
 
 def test_readable_signatures_keep_their_name() -> None:
-    assert scope_for("hyaudio_1") == "hyaudio_1"
-    assert scope_for("my model (v2)").startswith("my_model__v2__")
+    assigned = scopes.assign(["hyaudio_1", "my model (v2)"])
+    assert assigned["hyaudio_1"] == "hyaudio_1"
+    assert assigned["my model (v2)"].startswith("my_model__v2__")
+
+
+def test_a_signature_named_like_another_s_scope_gets_a_scope_of_its_own() -> None:
+    alone = scopes.assign(["a b"])["a b"]
+    assert alone == "a_b_c8687a08"
+    together = scopes.assign(["a b", alone])
+    assert together[alone] == alone
+    assert together["a b"] != alone
+    assert together["a b"].startswith("a_b_c8687a08")
+
+
+def test_tfmerge_s_own_names_are_never_an_input_s_scope() -> None:
+    assigned = scopes.assign(["tfmerge_save", "tfmerge_main_op"])
+    assert assigned["tfmerge_save"] != "tfmerge_save"
+    assert assigned["tfmerge_main_op"] != "tfmerge_main_op"
 
 
 def test_only_integer_named_directories_are_versions(tmp_path: Path) -> None:
-    for name in ("1", "0002", "10", ".staging-x", "current_version", "3a", "-4"):
+    for name in ("1", "0002", "10", ".staging-x", "current_version", "3a", "-4", " 12 "):
         (tmp_path / name).mkdir()
     (tmp_path / "7").write_text("a file, not a version")
     assert publish.versions(tmp_path) == {
         1: tmp_path / "1",
         2: tmp_path / "0002",
         10: tmp_path / "10",
+        12: tmp_path / " 12 ",
     }
-    assert publish.next_version(tmp_path) == 11
+    assert publish.next_version(tmp_path) == 13
     assert publish.next_version(tmp_path, high_water=40) == 41
 
 
+def test_the_server_takes_any_name_that_parses_as_an_int64_for_a_version(tmp_path: Path) -> None:
+    # absl::SimpleAtoi, as TensorFlow Serving parses a child's name, file or folder alike.
+    cases = {"7": 7, "0007": 7, "+7": 7, " 7\t": 7, "-7": -7, "7a": None, "0x7": None, "": None}
+    cases |= {str(2**63 - 1): 2**63 - 1, str(2**63): None, "\u0667": None}
+    for name, number in cases.items():
+        assert publish.server_version(name) == number, name
+
+
 def test_stale_staging_is_removed_and_nothing_else(tmp_path: Path) -> None:
-    (tmp_path / ".staging-abc" / "variables").mkdir(parents=True)
-    (tmp_path / "1").mkdir()
-    (tmp_path / "notes").mkdir()
-    assert publish.remove_stale_staging(tmp_path) == [".staging-abc"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "notes"]
+    serving, state = tmp_path / "serving", tmp_path / "state"
+    (serving / ".staging-abc" / "variables").mkdir(parents=True)
+    (serving / "1").mkdir()
+    (serving / "notes").mkdir()
+    running = publish.Staging.create(serving, state, "running")
+    try:
+        assert publish.remove_stale_staging(serving, state) == [".staging-abc"]
+        assert sorted(p.name for p in serving.iterdir()) == [".staging-running", "1", "notes"]
+    finally:
+        running.close()
+    assert sorted(p.name for p in serving.iterdir()) == ["1", "notes"]
 
 
 def test_prune_keeps_at_least_two(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from tfmerge.config import Config, ConfigError
 from tfmerge.config import load as load_config
 from tfmerge.daemon import pipeline
 from tfmerge.folders import publish
+from tfmerge.folders.errors import config_folders, folder_failure
 from tfmerge.folders.state import Store
 from tfmerge.logs import get_logger
 
@@ -99,7 +100,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rollback": lambda: _rollback(config, args.to),
         "smoke": lambda: _smoke(config, args),
     }
-    return commands[args.command]()
+    try:
+        return commands[args.command]()
+    except (OSError, publish.ForeignVersion) as exc:
+        return _folder_problem(exc, config)
+
+
+def _folder_problem(exc: OSError | publish.ForeignVersion, config: Config) -> int:
+    """One named event and an exit code for a folder only a person can put right."""
+    if isinstance(exc, publish.ForeignVersion):
+        get_logger().error(exc.event, reason=str(exc), **exc.fields())
+        return exitcodes.FAILED
+    failed = folder_failure(exc, config_folders(config))
+    if failed is None:
+        raise exc
+    get_logger().error(failed.event, **failed.fields())
+    return exitcodes.FOLDER
 
 
 def _run(config: Config) -> int:
@@ -124,7 +140,7 @@ def _check(config: Config) -> int:
 
 def _inspect(path: Path, *, as_json: bool) -> int:
     from tfmerge import oppolicy
-    from tfmerge.build import constants, devices, lifting, reading, signatures
+    from tfmerge.build import constants, devices, lifting, reading, signatures, staticcheck
     from tfmerge.models import ModelRejected
 
     log = get_logger(file=str(path))
@@ -132,6 +148,8 @@ def _inspect(path: Path, *, as_json: bool) -> int:
         # The same reader as a build's, with no size limit: inspect is run on purpose.
         read = reading.read_graph(path, path.name, 1 << 62)
         graph_def = read.graph_def
+        # Before anything walks or imports the library: recursion would crash this command.
+        staticcheck.check_library(graph_def)
         lifting.restore_function_payloads(graph_def, read.payloads, read.offsets)
         pinned = devices.pinned_devices(graph_def)
         light, large = constants.split_large_constants(graph_def, read.payloads, read.offsets)

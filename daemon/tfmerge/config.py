@@ -23,6 +23,24 @@ _OP_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LOG_FORMATS = ("auto", "json", "console")
 _HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):[0-9]{1,5}$")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+#: Characters a signature name may not hold: the history files list names one a line in
+#: ``exported_models`` and comma-separated in ``current_version``, whose fields are tabs. C1
+#: controls and U+2028/U+2029 count: Python's splitlines() breaks lines at several of them.
+_UNLISTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029,]")
+MiB = 1024**2
+
+
+def signature_problem(name: str) -> str | None:
+    """Why a signature name cannot be served (to follow the name), or None."""
+    if _UNLISTABLE.search(name):
+        return (
+            "holds a comma, a tab, a newline or another control character, and the history "
+            "files (current_version, exported_models) list signatures one a line, "
+            "comma-separated"
+        )
+    return None
+
+
 _SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
@@ -58,6 +76,8 @@ class ModelDecl:
     sample: Mapping[str, Any] | None = None
     #: Where the declaration came from, for messages: "config models[0]", "sidecar a/b.toml".
     origin: str = "config"
+    #: This model's own [check] settings (key -> value), over those of the config.
+    limits: Mapping[str, float] | None = None
     #: The sha256 the graph's bytes must have (lowercase hex), or None.
     sha256: str | None = None
     #: Accept a change of the signature's interface that would break its clients.
@@ -79,6 +99,20 @@ class WorkerSettings:
     #: the quiet period instead of 6.0 s, for 572 MiB held while idle (docs/benchmarks.md).
     warm: bool = True
     retries: int = 3
+
+
+@dataclass(frozen=True)
+class CheckLimits:
+    """What checking one model may take. A model's file adds to the time and memory allowed
+    (tfmerge.limits.for_model); a ``[[models]]`` entry may set its own."""
+
+    #: Each step of one model's check (read, import, probe run), plus 1 s per 10 MiB of file.
+    seconds: float = 60.0
+    #: Memory the import and probe run may take on top of what the process holds, plus twice
+    #: the file's size.
+    memory_bytes: int = 4 * GiB
+    #: Generated probe values of one model, numpy's float64 temporaries counted.
+    probe_bytes: int = GiB
 
 
 @dataclass(frozen=True)
@@ -128,6 +162,7 @@ class Config:
     models: tuple[ModelDecl, ...] = ()
     watch: WatchSettings = field(default_factory=WatchSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+    check: CheckLimits = field(default_factory=CheckLimits)
     log: LogSettings = field(default_factory=LogSettings)
     #: Signature that clients naming none (``serving_default``) get.
     default_signature: str | None = None
@@ -157,6 +192,9 @@ class _Table:
 
     def problem(self, name: str, message: str) -> None:
         self._problems.append(Problem(self.key(name), message))
+
+    def has(self, name: str) -> bool:
+        return name in self._data
 
     def default(self, name: str) -> Any:
         return self._defaults.get(name)  # None: the key has no default (it is required)
@@ -252,6 +290,8 @@ def parse_models(raw: Any, prefix: str, origin: str, problems: list[Problem]) ->
         before = len(problems)
         table = _Table(entry, f"{where}.", problems, ModelDecl)
         signature = table.string("signature", required=True)
+        if signature is not None and (problem := signature_problem(signature)) is not None:
+            table.problem("signature", f"{signature!r} {problem}")
         frozen = table.string("frozen", required=origin == "config")
         inputs = _string_map(table, "inputs", required=True)
         outputs = _string_map(table, "outputs", required=True)
@@ -266,6 +306,7 @@ def parse_models(raw: Any, prefix: str, origin: str, problems: list[Problem]) ->
             for key in sample:
                 if key not in inputs:
                     table.problem(f"sample.{key}", f"names no input (inputs are {sorted(inputs)})")
+        limits = _model_limits(table, origin)
         keep_devices = table.take("keep_devices")
         if keep_devices is not None and not isinstance(keep_devices, bool):
             table.problem("keep_devices", f"expected true or false, got {keep_devices!r}")
@@ -279,12 +320,53 @@ def parse_models(raw: Any, prefix: str, origin: str, problems: list[Problem]) ->
                     outputs=outputs,
                     sample=sample,
                     origin=f"{origin} {where}",
+                    limits=limits,
                     sha256=sha256.lower() if sha256 else None,
                     allow_interface_change=allow_change,
                     keep_devices=keep_devices,
                 )
             )
     return models
+
+
+#: Each [check] key (also those of a [[models]] entry's ``limits`` table): its smallest value
+#: and whether it is a whole number.
+_CHECK_BOUNDS: Mapping[str, tuple[float, bool]] = {
+    "seconds": (1.0, False),
+    "memory_bytes": (64 * MiB, True),
+    "probe_bytes": (1, True),
+}
+
+
+def limits_over(base: CheckLimits, given: Mapping[str, float] | None) -> CheckLimits:
+    """``base`` with the keys of ``given`` (a [[models]] entry's ``limits``) in their place."""
+    given = given or {}
+    return CheckLimits(
+        seconds=float(given.get("seconds", base.seconds)),
+        memory_bytes=int(given.get("memory_bytes", base.memory_bytes)),
+        probe_bytes=int(given.get("probe_bytes", base.probe_bytes)),
+    )
+
+
+def _limits_table(table: _Table) -> dict[str, float]:
+    """The [check] keys given in table, each checked; the keys not given are left out."""
+    given: dict[str, float] = {}
+    for name, (minimum, integer) in _CHECK_BOUNDS.items():
+        if table.has(name):
+            given[name] = table.number(name, minimum=minimum, integer=integer)
+    table.finish()
+    return given
+
+
+def _model_limits(table: _Table, origin: str) -> dict[str, float] | None:
+    if not table.has("limits"):
+        return None
+    if origin != "config":
+        # An upload must not grant itself more memory or time than the host's owner allows.
+        table.take("limits")
+        table.problem("limits", "only the config file may set a model's limits")
+        return None
+    return _limits_table(table.table("limits", CheckLimits))
 
 
 def _path(table: _Table, name: str, base: Path) -> Path:
@@ -344,6 +426,8 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     )
     worker_table.finish()
 
+    check = limits_over(CheckLimits(), _limits_table(top.table("check", CheckLimits)))
+
     log_table = top.table("log", LogSettings)
     log = LogSettings(
         format=log_table.choice("format", _LOG_FORMATS),
@@ -382,6 +466,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         models=tuple(models),
         watch=WatchSettings(quiet_seconds=float(quiet), max_wait_seconds=float(max_wait)),
         worker=worker,
+        check=check,
         log=log,
         default_signature=default_signature,
         serving=serving,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tfmerge import snapshot
-from tfmerge.config import Config, ModelDecl, Problem, parse_models
+from tfmerge.config import Config, ModelDecl, Problem, parse_models, signature_problem
 from tfmerge.digests import digest_file_of, graph_of, parse_digest_file
 from tfmerge.inputs import DIGEST_SUFFIX, SIDECAR_SUFFIX, FrozenDir, is_input_path
 from tfmerge.inputs import MODEL_SUFFIXES as _SUFFIXES
@@ -39,6 +39,8 @@ class Resolution:
     refused_signatures: frozenset[str] = field(default_factory=frozenset)
     #: Graph files whose sidecar was refused: whatever they served keeps its last good input.
     refused_files: frozenset[str] = field(default_factory=frozenset)
+    #: Signatures whose last accepted input ended a worker in this build: not checked again.
+    unkept: frozenset[str] = field(default_factory=frozenset)
 
 
 def input_files(frozen_dir: Path) -> tuple[list[str], list[str], list[str]]:
@@ -169,6 +171,30 @@ def resolve(config: Config) -> Resolution:
         return _resolve(config, frozen)
 
 
+def _discovered(
+    graph_files: list[str], declared_files: set[str], rejections: list[Rejection]
+) -> list[ModelDecl]:
+    """A declaration for each graph no entry declares, served under its path."""
+    found = []
+    for rel in graph_files:
+        if rel in declared_files:
+            continue
+        signature = discovered_signature(rel)
+        unlistable = signature_problem(signature)
+        if unlistable is not None:
+            rejections.append(
+                Rejection(
+                    "bad_name",
+                    f"its signature would be its path without the suffix, {signature!r}, "
+                    f"which {unlistable}: rename the file, or declare it under another name",
+                    rel,
+                )
+            )
+            continue
+        found.append(ModelDecl(signature, rel, {}, {}, origin="discovered"))
+    return found
+
+
 def _resolve(config: Config, frozen: FrozenDir) -> Resolution:
     rejections: list[Rejection] = []
     decls: list[ModelDecl] = list(config.models)
@@ -196,12 +222,8 @@ def _resolve(config: Config, frozen: FrozenDir) -> Resolution:
         by_signature.setdefault(decl.signature, []).append(decl)
     declared_files = {_normalise(d.frozen) for d in decls} | broken
     if config.discover:
-        for rel in graph_files:
-            if rel in declared_files:
-                continue
-            by_signature.setdefault(discovered_signature(rel), []).append(
-                ModelDecl(discovered_signature(rel), rel, {}, {}, origin="discovered")
-            )
+        for decl in _discovered(graph_files, declared_files, rejections):
+            by_signature.setdefault(decl.signature, []).append(decl)
 
     specs: list[ModelSpec] = []
     refused: set[str] = set()

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from tfmerge import oppolicy
-from tfmerge.build import devices, probe, quirks, reading, signatures
+from tfmerge.build import attribution, budget, quirks, reading, signatures, staticcheck
 from tfmerge.build.writer import Writer
 from tfmerge.config import Config
 from tfmerge.folders.state import Store
@@ -60,6 +60,7 @@ def check_model(
     sha256, the file must have those very bytes (a kept copy). ``previous`` is the model's
     last accepted input, whose interface a new input may not break unannounced.
     """
+    attribution.reading_file(spec, path, config, kept=kept)
     try:
         if writer is None:
             with FrozenDir(config.frozen_dir) as frozen:
@@ -75,9 +76,12 @@ def check_model(
     try:
         if not kept:
             _check_digest(spec, read.sha256)
-        return _check_read(
-            spec, read, config, kept=kept, writer=writer, sha256=sha256, previous=previous
-        )
+        with attribution.checking(
+            spec, config, read, kept=kept, remember=writer is not None
+        ) as checking:
+            return _check_read(
+                spec, read, config, checking, writer=writer, sha256=sha256, previous=previous
+            )
     except BaseException:
         if writer is not None:
             writer.reject(read)
@@ -102,16 +106,19 @@ def _check_read(
     spec: ModelSpec,
     read: reading.GraphRead,
     config: Config,
+    checking: attribution.Checking,
     *,
-    kept: bool,
     writer: Writer | None,
     sha256: str | None,
     previous: AcceptedModel | None,
 ) -> Checked:
+    kept = checking.kept
     if sha256 is not None and read.sha256 != sha256:
         raise ModelRejected("damaged", "the kept copy in the state folder is damaged")
     sha256, size = read.sha256, len(read.data)
     oppolicy.check_ops(read.graph_def, config.allow_ops)
+    checking.step("import")
+    staticcheck.check_library(read.graph_def)
     prepared = quirks.prepare(read, spec)
     light, large = prepared.light, prepared.large
     # From here on only the light graph and the constants' arrays (views of read.data) remain.
@@ -141,17 +148,17 @@ def _check_read(
             get_logger().debug(
                 "input_not_placeholder", signature=spec.signature, input=key, tensor=sig.name
             )
-    feeds = probe.probe_inputs(spec.signature, input_sigs, spec.sample)
-    try:
-        expected = probe.run_graph(
-            graph,
-            init_nodes,
-            {input_sigs[k].name: v for k, v in feeds.items()}
-            | {f"{c.name}:0": c.value for c in prepared.source_constants},
-            {k: s.name for k, s in output_sigs.items()},
-        )
-    except Exception as exc:  # any kernel error on the probe input, whatever its type
-        raise devices.source_failure(exc) from exc
+    checking.step("probe")
+    feeds, expected = budget.probe_run(
+        spec,
+        graph,
+        prepared.source,
+        init_nodes,
+        input_sigs,
+        output_sigs,
+        prepared.source_constants,
+        checking.limits,
+    )
     del graph, prepared
     if writer is not None:
         writer.accept(read, large)

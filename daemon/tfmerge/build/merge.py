@@ -13,7 +13,6 @@ have ``while_body_frozen_71``-like names) is renamed in the later graph, with ev
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,20 +26,6 @@ from tfmerge.models import TensorSig
 MAIN_OP_NAME = "tfmerge_main_op"
 _MAIN_OP_COLLECTION = "saved_model_main_op"
 _PREDICT = "tensorflow/serving/predict"
-_INVALID_SCOPE_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
-
-
-def scope_for(signature: str) -> str:
-    """A valid, collision-free TensorFlow name scope for any signature name.
-
-    A name that is already valid is used as it is; any other gets its invalid characters
-    replaced and a digest of the original appended, so "a b" and "a_b" never meet.
-    """
-    cleaned = _INVALID_SCOPE_CHARS.sub("_", signature)
-    if cleaned == signature and cleaned[:1].isalnum():
-        return cleaned
-    digest = hashlib.sha256(signature.encode()).hexdigest()[:8]
-    return f"m_{cleaned}_{digest}" if not cleaned[:1].isalnum() else f"{cleaned}_{digest}"
 
 
 @dataclass(frozen=True)

@@ -76,10 +76,20 @@ def run_graph(
     init_nodes: Sequence[str],
     feeds: Mapping[str, np.ndarray],
     fetches: Mapping[str, str],
+    *,
+    timeout_seconds: float | None = None,
 ) -> dict[str, np.ndarray]:
-    """Run a source graph the way the merged model runs it: initializers first, then one call."""
+    """Run a source graph the way the merged model runs it: initializers first, then one call.
+
+    With timeout_seconds, each of the two runs fails with DeadlineExceeded past it.
+    """
+    options = None
+    if timeout_seconds is not None:
+        options = tfcore.RunOptions(timeout_in_ms=max(1, round(timeout_seconds * 1000)))
     with tfcore.Session(graph=graph, config=check_session_config()) as session:
         if init_nodes:
-            session.run([graph.get_operation_by_name(n) for n in init_nodes])
-        result: dict[str, np.ndarray] = session.run(dict(fetches), feed_dict=dict(feeds))
+            session.run([graph.get_operation_by_name(n) for n in init_nodes], options=options)
+        result: dict[str, np.ndarray] = session.run(
+            dict(fetches), feed_dict=dict(feeds), options=options
+        )
     return result

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from tfmerge import __version__, snapshot
-from tfmerge.build import merge, tfcore, verify, warmup
+from tfmerge.build import merge, scopes, tfcore, verify, warmup
 from tfmerge.build.check import Checked, check_kept, check_specs, log_rejection, release_memory
 from tfmerge.build.writer import Writer
 from tfmerge.config import Config
+from tfmerge.folders.fs import naming
 from tfmerge.folders.publish import MANIFEST
 from tfmerge.folders.state import Store
 from tfmerge.logs import bound_context, get_logger
@@ -57,6 +58,10 @@ def run_build(
                 newest_fingerprint=newest_fingerprint,
                 raw_fingerprint=raw_fingerprint,
             )
+    except OSError as exc:
+        # Reads name their file; a write that names none is one into the version being built.
+        naming(exc, staging)
+        raise
     finally:
         writer.close()
 
@@ -196,7 +201,7 @@ def _check_inputs(
         rejections.append(item)
         if item.signature is not None:
             causes[item.signature] = item
-    for signature in sorted(causes):
+    for signature in sorted(causes.keys() - resolution.unkept):
         kept = check_kept(signature, store, config, writer, causes[signature])
         if kept is not None:
             checked.append(kept)
@@ -227,6 +232,7 @@ def _aliases(config: Config, models: Sequence[AcceptedModel]) -> dict[str, str]:
 def _units(checked: Sequence[Checked], writer: Writer) -> list[merge.GraphUnit]:
     """One unit per distinct graph content: a graph several signatures use is stored once."""
     units: dict[str, merge.GraphUnit] = {}
+    scope_of = scopes.assign(item.model.signature for item in checked)
     for item in checked:
         spec = merge.SignatureSpec(item.model.signature, item.inputs, item.outputs)
         unit = units.get(item.model.sha256)
@@ -236,7 +242,7 @@ def _units(checked: Sequence[Checked], writer: Writer) -> list[merge.GraphUnit]:
                 graph_def=item.graph_def,
                 constants=writer.entries(item.model.sha256),
                 relpath=item.model.relpath,
-                scope=merge.scope_for(item.model.signature),
+                scope=scope_of[item.model.signature],
                 init_nodes=item.init_nodes,
                 signatures=[spec],
             )

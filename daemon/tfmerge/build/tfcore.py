@@ -47,10 +47,14 @@ _defer_package_init()
 # ruff: noqa: E402 - these imports must follow the registration above to load alone.
 from tensorflow.core.framework import graph_pb2
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
-from tensorflow.core.protobuf.config_pb2 import ConfigProto, OptimizerOptions
+from tensorflow.core.protobuf.config_pb2 import ConfigProto, OptimizerOptions, RunOptions
 from tensorflow.python.client.session import Session
 from tensorflow.python.framework import dtypes
-from tensorflow.python.framework.errors_impl import OpError
+from tensorflow.python.framework.errors_impl import (
+    DeadlineExceededError,
+    OpError,
+    ResourceExhaustedError,
+)
 from tensorflow.python.framework.importer import import_graph_def
 from tensorflow.python.framework.ops import Graph
 from tensorflow.python.framework.tensor_util import MakeNdarray, make_tensor_proto
@@ -73,10 +77,13 @@ __all__ = [
     "GIT_VERSION",
     "VERSION",
     "ConfigProto",
+    "DeadlineExceededError",
     "Graph",
     "MakeNdarray",
     "OpError",
     "OptimizerOptions",
+    "ResourceExhaustedError",
+    "RunOptions",
     "Session",
     "TFRecordWriter",
     "dtypes",

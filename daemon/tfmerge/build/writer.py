@@ -31,7 +31,7 @@ from pathlib import Path
 from tfmerge import snapshot
 from tfmerge.build import bundle, reading
 from tfmerge.build.variables import VARIABLES_PREFIX
-from tfmerge.folders.fs import PendingFile, write_all
+from tfmerge.folders.fs import PendingFile, naming, write_all
 from tfmerge.folders.state import Store
 from tfmerge.inputs import FrozenDir, open_kept
 from tfmerge.logs import get_logger
@@ -114,6 +114,9 @@ class Writer:
             pending = self._store.start_blob()
             try:
                 taken = snapshot.copy(opened, pending.fd)
+            except OSError as exc:
+                pending.discard()
+                raise naming(exc, pending.path) from None
             except BaseException:
                 pending.discard()
                 raise

@@ -10,14 +10,17 @@ No TensorFlow here.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tfmerge.config import Config
+from tfmerge.daemon import isolate
 from tfmerge.daemon.pipeline import BuildRunner
-from tfmerge.daemon.worker import BuildRequest, Worker
+from tfmerge.daemon.worker import BuildRequest, ModelFailed, Worker
+from tfmerge.folders.publish import clear_staging
 from tfmerge.specs import Resolution
 
 if TYPE_CHECKING:
@@ -42,6 +45,9 @@ class WorkerHandle(Protocol):
 
     def alive(self) -> bool: ...
 
+    #: The ``model_rejected`` lines it logged: (file, signature, code).
+    reported: set[tuple[Any, ...]]
+
     def run(
         self,
         request: BuildRequest,
@@ -50,8 +56,11 @@ class WorkerHandle(Protocol):
         wake_fd: int | None,
         should_abort: Callable[[], bool],
         on_wait: Callable[[], float | None],
+        started: float | None = None,
     ) -> BuildResult:
-        """The result; raises WorkerError (crash, timeout, error) or BuildAborted."""
+        """The result; raises ModelFailed (it died or overran on one model's check),
+        WorkerError (crash, timeout, error) or BuildAborted. The timeout counts from
+        ``started`` (time.monotonic()), by default now."""
         ...
 
     def stop(self) -> None: ...
@@ -93,18 +102,39 @@ class WorkerRunner:
         newest_fingerprint: str | None,
         raw_fingerprint: str | None,
     ) -> BuildResult:
+        started = time.monotonic()
+        killed_once: set[str] = set()
+        reported: set[tuple[Any, ...]] = set()
         worker = self._take_warm() or self._start_worker(config)
-        request = BuildRequest(
-            config, resolution, str(staging), build_id, newest_fingerprint, raw_fingerprint
-        )
         try:
-            return worker.run(
-                request,
-                timeout=config.worker.timeout_seconds,
-                wake_fd=self._supervision.wake_fd,
-                should_abort=self._supervision.should_abort,
-                on_wait=self._supervision.on_wait,
-            )
+            while True:
+                request = BuildRequest(
+                    config,
+                    resolution,
+                    str(staging),
+                    build_id,
+                    newest_fingerprint,
+                    raw_fingerprint,
+                    frozenset(reported),
+                )
+                try:
+                    return worker.run(
+                        request,
+                        timeout=config.worker.timeout_seconds,
+                        started=started,
+                        wake_fd=self._supervision.wake_fd,
+                        should_abort=self._supervision.should_abort,
+                        on_wait=self._supervision.on_wait,
+                    )
+                except ModelFailed as failure:
+                    # The build goes on in a fresh worker, without the model that did it.
+                    worker.stop()
+                    reported |= worker.reported
+                    resolution = isolate.leave_out(
+                        config, resolution, failure, build_id, killed_once
+                    )
+                    clear_staging(staging)
+                    worker = self._start_worker(config)
         finally:
             worker.stop()
             # A retry after a crash, like the next build, starts on a worker already warm.

@@ -30,6 +30,7 @@ from tfmerge.daemon.wakeup import Restore, WakeupPipe
 from tfmerge.daemon.watch import FolderWatcher, Watcher, WatcherFactory
 from tfmerge.daemon.worker import BuildAborted, WorkerError
 from tfmerge.folders import publish
+from tfmerge.folders.errors import config_folders, folder_failure
 from tfmerge.folders.fs import AlreadyRunning, InstanceLock
 from tfmerge.folders.state import Store
 from tfmerge.logs import get_logger
@@ -122,7 +123,10 @@ class Daemon:
             self.log.warning("notify_unusable", reason=self.notifier.unusable_reason)
         self.config.frozen_dir.mkdir(parents=True, exist_ok=True)
         self.config.serving_dir.mkdir(parents=True, exist_ok=True)
-        for name in publish.remove_stale_staging(self.config.serving_dir):
+        # A serving_dir the daemon cannot write ends it here, with the folder's event and an
+        # exit status systemd does not restart on, rather than failing every build.
+        publish.check_writable(self.config.serving_dir)
+        for name in publish.remove_stale_staging(self.config.serving_dir, self.config.state_dir):
             self.log.info("staging_removed", path=str(self.config.serving_dir / name))
         self._start_watcher()
         if self.metrics is not None and self.config.metrics.listen:
@@ -274,7 +278,13 @@ class Daemon:
         if isinstance(exc, BuildAborted):
             self.log.warning("build_aborted", reason="the daemon is stopping")
             return
-        if isinstance(exc, WorkerError):
+        cause = exc.error if isinstance(exc, WorkerError) and exc.error is not None else exc
+        failed = folder_failure(cause, config_folders(self.config))
+        if failed is not None:
+            self.log.error(failed.event, **failed.fields())
+        elif isinstance(exc, publish.ForeignVersion):
+            self.log.error(exc.event, reason=str(exc), **exc.fields())
+        elif isinstance(exc, WorkerError):
             events = {"timeout": "worker_timeout", "crashed": "worker_crashed"}
             self.log.error(
                 events.get(exc.kind, "build_error"), reason=str(exc), transient=exc.transient
@@ -346,8 +356,18 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.close()
         self._runner.close()
-        for name in publish.remove_stale_staging(self.config.serving_dir):
-            self.log.info("staging_removed", path=str(self.config.serving_dir / name))
+        try:
+            for name in publish.remove_stale_staging(
+                self.config.serving_dir, self.config.state_dir
+            ):
+                self.log.info("staging_removed", path=str(self.config.serving_dir / name))
+        except OSError as exc:
+            # Stopping goes on; the next start or build sweeps again.
+            failed = folder_failure(exc, config_folders(self.config))
+            self.log.warning(
+                failed.event if failed else "publish_failed",
+                **(failed.fields() if failed else {"reason": str(exc), "errno": exc.errno}),
+            )
         self.notifier.close()
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ Layout (all written atomically: temporary file, fsync, rename, fsync of the fold
     state_dir/last_build.json              fingerprint of what the last build saw on disk
     state_dir/hold.json                    set by rollback: do not rebuild these inputs
     state_dir/live.json                    the last version TensorFlow Serving reported live
+    state_dir/verdicts.json                refusals remembered by input and declaration
     state_dir/failed/<N>                   versions moved out of the serving folder
     state_dir/tfmerge.lock                 held by the running daemon (one per state folder)
     state_dir/publish.lock                 held while a version is renamed into place
@@ -27,6 +28,9 @@ from typing import Any
 
 from tfmerge.folders.fs import PendingFile, atomic_write
 from tfmerge.models import AcceptedModel, Rejection
+
+#: How many remembered refusals state_dir keeps, the most recent ones.
+_VERDICTS_KEPT = 256
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -83,6 +87,22 @@ class Store:
 
     def record_rejections(self, rejections: Iterable[Rejection]) -> None:
         write_json(self.root / "rejected.json", [r.as_dict() for r in rejections])
+
+    def verdict(self, key: str) -> dict[str, Any] | None:
+        """The refusal remembered under key (tfmerge.limits.verdict_key), if any."""
+        value = read_json(self.root / "verdicts.json", {})
+        found = value.get(key) if isinstance(value, dict) else None
+        return found if isinstance(found, dict) else None
+
+    def record_verdict(self, key: str, record: Mapping[str, Any]) -> None:
+        value = read_json(self.root / "verdicts.json", {})
+        verdicts: dict[str, Any] = value if isinstance(value, dict) else {}
+        verdicts[key] = dict(record)
+        if len(verdicts) > _VERDICTS_KEPT:
+            # Inputs that were replaced long ago: their verdicts are never asked for again.
+            newest = sorted(verdicts, key=lambda k: verdicts[k].get("recorded", 0))
+            verdicts = {k: verdicts[k] for k in newest[-_VERDICTS_KEPT:]}
+        write_json(self.root / "verdicts.json", verdicts)
 
     def last_build(self) -> dict[str, Any]:
         value: dict[str, Any] = read_json(self.root / "last_build.json", {})

@@ -762,6 +762,37 @@ kernel_steps: st.SearchStrategy[KernelStep] = st.one_of(
 )
 
 
+def play(h: Harness, kernel: FakeKernel, step: KernelStep) -> str | None:
+    """Play one step; the path of the event it sent, if it sent one."""
+    match step:
+        case Event(dt, path, _, kind):
+            h.event(h.now + dt, path, kind)
+            if kind in ("deleted", "moved_out", "moved_in"):
+                kernel.open.discard(path)  # the writer's file is no longer at this path
+            return path
+        case Writer(dt, path, opens=True):
+            h.open_for_writing(h.now + dt, path)
+            return path
+        case Writer(dt, path, opens=False):
+            if path not in kernel.open:
+                return None  # a close with no writer would be no event at all
+            h.close(h.now + dt, path)
+            return path
+        case Chmod(dt, path):
+            h.chmod(h.now + dt, path)
+            return path
+        case SilentWrite(dt, path):
+            h.run_until(h.now + dt)
+            h.files.write(path)
+        case EarlyPoll(fraction):
+            deadline = h.debouncer.next_deadline()
+            if deadline == math.inf:  # only files open for writing: nothing until an event
+                assert h.poll_at(h.now + fraction * 100.0) is None
+            elif deadline is not None and deadline > h.now:
+                assert h.poll_at(h.now + fraction * (deadline - h.now)) is None
+    return None
+
+
 @settings(max_examples=400, deadline=None, derandomize=True)
 @given(
     quiet=st.sampled_from([0.0, 0.3, 2.0, 7.5]),
@@ -793,31 +824,9 @@ def test_properties_with_the_kernel_telling_writers(
         seen = len(h.flushes)
 
     for step in script:
-        match step:
-            case Event(dt, path, _, kind):
-                h.event(h.now + dt, path, kind)
-                if kind in ("deleted", "moved_out", "moved_in"):
-                    kernel.open.discard(path)  # the writer's file is no longer at this path
-            case Writer(dt, path, opens):
-                if opens:
-                    h.open_for_writing(h.now + dt, path)
-                else:  # a close with no writer would be no event at all
-                    if path not in kernel.open:
-                        continue
-                    h.close(h.now + dt, path)
-            case Chmod(dt, path):
-                h.chmod(h.now + dt, path)
-            case SilentWrite(dt, path):
-                h.run_until(h.now + dt)
-                h.files.write(path)
-            case EarlyPoll(fraction):
-                deadline = h.debouncer.next_deadline()
-                if deadline == math.inf:  # only files open for writing: nothing until an event
-                    assert h.poll_at(h.now + fraction * 100.0) is None
-                elif deadline is not None and deadline > h.now:
-                    assert h.poll_at(h.now + fraction * (deadline - h.now)) is None
-        if isinstance(step, Event | Writer | Chmod) and is_input_path(step.path):
-            last_event[step.path] = h.now
+        path = play(h, kernel, step)
+        if path is not None and is_input_path(path):
+            last_event[path] = h.now
         check_new_flushes()
         assert h.debouncer.pending == (h.debouncer.next_deadline() is not None)
 

@@ -53,7 +53,10 @@ def usable(config: Config) -> Config:
             refused["metrics.listen"] = code
     if not refused:
         return config
-    effects = {"serving.rest_url": "publishes are not followed", "metrics.listen": "no metrics"}
+    effects = {
+        "serving.rest_url": "publishes are not followed",
+        "metrics.listen": "no metrics are served",
+    }
     get_logger().warning(
         "network_unavailable",
         keys=sorted(refused),

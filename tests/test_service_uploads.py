@@ -248,7 +248,7 @@ def test_frozen_dir_removed_and_made_again_is_watched_again(rig: Rig) -> None:
     (lost,) = rig.named("watch_lost")
     assert (lost["at"], lost["folder"]) == (10.0, str(rig.frozen.resolve()))
     (restarted,) = rig.named("watch_restarted")
-    assert (restarted["reason"], restarted["at"]) == ("frozen_dir exists again", 16.0)
+    assert (restarted["reason"], restarted["at"]) == ("frozen_dir can be watched again", 16.0)
     (rescanned,) = rig.named("frozen_dir_rescanned")
     assert rescanned["changed"] == ["a.pb", "e.pb"]  # a.pb is another file now (new inode)
     (settled,) = rig.named("batch_settled")

@@ -136,6 +136,15 @@ class Held:
     #: True: the probe says it is open for writing; None: told from the events alone.
     open_for_writing: bool | None
 
+    def fields(self, now: float) -> dict[str, object]:
+        """The ``batch_held`` event's fields, at clock time ``now``."""
+        return {
+            "file": self.path,
+            "size": self.size,
+            "waited_seconds": round(now - self.since, 3),
+            "open_for_writing": self.open_for_writing,
+        }
+
 
 @dataclass
 class _PathState:

@@ -78,19 +78,21 @@ class WatchKeeper:
         watcher = self._new_watcher(self._root, self._on_change, also_watch=self._also_watch)
         try:
             watcher.start()
-        except FileNotFoundError:
+        except OSError as exc:
+            # Missing, or out of inotify watches: nothing is heard; try again at each check.
             watcher.stop()
             if not self._missing:
                 self._missing = True
+                why = "" if isinstance(exc, FileNotFoundError) else f" ({exc.strerror or exc})"
                 log.error(
                     "watch_lost",
                     folder=str(self._root),
-                    reason=f"{reason}; nothing is watched until it exists again",
+                    reason=f"{reason}{why}; nothing is watched until it can be again",
                 )
             return []
         self._watcher = watcher
         if self._missing:
-            reason, self._missing = "frozen_dir exists again", False
+            reason, self._missing = "frozen_dir can be watched again", False
         log.warning("watch_restarted", folder=str(self._root), reason=reason)
         found = rescan.snapshot(self._root)
         changes = rescan.changes(self._snapshot, found)

@@ -138,12 +138,7 @@ class Daemon:
             self.log.info("staging_removed", path=str(self.config.serving_dir / name))
         self._start_watcher()
         if self.metrics is not None and self.config.metrics.listen:
-            self.metrics.serve(self.config.metrics.listen)
-            newest = publish.newest(self.config.serving_dir)
-            if newest is not None:
-                signatures = publish.read_manifest(newest[1]).get("signatures", {})
-                self.metrics.serving(newest[0], len(signatures))
-            self.log.info("metrics_listening", listen=self.config.metrics.listen)
+            self.metrics.start(self.config.metrics.listen, self.config.serving_dir)
         try:
             if not self.stopping:
                 self._build(trigger="startup", skip_unchanged_files=True)
@@ -175,13 +170,7 @@ class Daemon:
             return
         flush = self._debouncer.poll(now, self._stat)
         for held in self._debouncer.take_held():
-            self.log.info(
-                "batch_held",
-                file=held.path,
-                size=held.size,
-                waited_seconds=round(now - held.since, 3),
-                open_for_writing=held.open_for_writing,
-            )
+            self.log.info("batch_held", **held.fields(now))
         if flush is not None:
             self._settled(flush, now)
             return

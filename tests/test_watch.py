@@ -344,10 +344,13 @@ def test_a_folder_moved_into_the_tree_is_a_problem(
     assert problem_within(watcher) == "a folder was moved into or out of frozen_dir"
 
 
-def test_watchdog_still_parses_events_where_the_overflow_counter_hooks_in() -> None:
+def test_watchdog_still_parses_events_where_the_overflow_counter_hooks_in(
+    watched: tuple[FolderWatcher, queue.Queue[Change]],
+) -> None:
     """watchdog drops IN_Q_OVERFLOW; tfmerge.daemon.overflow counts it in watchdog's parser.
     A watchdog that parses elsewhere, or stops dropping the record, must fail here."""
-    overflow.install()
+    watcher, _ = watched
+    assert watcher.problem() is None
     read_events = inspect.getsource(inotify_c.Inotify.read_events)
     assert "Inotify._parse_event_buffer(event_buffer)" in read_events
     assert "if wd == -1:" in read_events
@@ -357,6 +360,7 @@ def test_watchdog_still_parses_events_where_the_overflow_counter_hooks_in() -> N
     parsed = list(inotify_c.Inotify._parse_event_buffer(record + other))
     assert parsed == [(-1, 0x4000, 0, b""), (1, 0x2, 0, b"a.pb")]
     assert overflow.count() == before + 1
+    assert watcher.problem() == "the kernel's inotify event queue overflowed"
 
 
 _OVERFLOW_WATCHER = """

@@ -5,8 +5,9 @@ signal handlers only set flags. The loop sleeps until the next debounce deadline
 ping or wake-up (:mod:`tfmerge.daemon.wakeup`), so an idle daemon uses no CPU.
 
 What touches the operating system is passed in: the watcher (:data:`WatcherFactory`), the
-build runner (:data:`~tfmerge.daemon.runner.RunnerFactory`), the clock and the wait for a
-wake-up. :func:`run_daemon` passes the real ones; tests pass a scripted watcher, scripted
+build runner (:data:`~tfmerge.daemon.runner.RunnerFactory`), the probe that asks the kernel
+whether a file is open for writing (:mod:`tfmerge.daemon.writers`), the clock and the wait for
+a wake-up. :func:`run_daemon` passes the real ones; tests pass a scripted watcher, scripted
 workers and a fake clock, and step the loop without real time.
 """
 
@@ -18,17 +19,20 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-from tfmerge import exitcodes, logs, specs
+from tfmerge import exitcodes, logs, snapshot, specs
 from tfmerge.config import Config
-from tfmerge.daemon import pipeline, reload, retry
+from tfmerge.daemon import network, pipeline, reload, retry
 from tfmerge.daemon.debounce import Change, Debouncer, Flush, StatKey
+from tfmerge.daemon.health import WatchKeeper
 from tfmerge.daemon.metrics import Metrics
 from tfmerge.daemon.notify import Notifier
 from tfmerge.daemon.runner import RunnerFactory, Supervision, WorkerRunner
 from tfmerge.daemon.wakeup import Restore, WakeupPipe
-from tfmerge.daemon.watch import FolderWatcher, Watcher, WatcherFactory
+from tfmerge.daemon.watch import FolderWatcher, WatcherFactory
 from tfmerge.daemon.worker import BuildAborted, WorkerError
+from tfmerge.daemon.writers import LeaseProbe
 from tfmerge.folders import publish
 from tfmerge.folders.errors import config_folders, folder_failure
 from tfmerge.folders.fs import AlreadyRunning, InstanceLock
@@ -37,6 +41,8 @@ from tfmerge.logs import get_logger
 
 #: Returns at the next wake-up or after the given seconds (None: no limit).
 WaitForWakeup = Callable[[float | None], None]
+#: Is frozen_dir/relpath open for writing? None: the kernel cannot tell.
+WritingProbe = Callable[[Path, str], bool | None]
 
 
 class Daemon:
@@ -44,8 +50,10 @@ class Daemon:
 
     ``runner`` makes the build runner, given what a running build needs from the loop;
     ``watcher`` makes the watcher of ``frozen_dir`` and of the config file (again when a
-    reload moves ``frozen_dir``); ``clock`` gives monotonic seconds; ``wait`` returns at the
-    next wake-up or after the seconds given (by default, ``select`` on the wake-up pipe).
+    reload moves ``frozen_dir``, or when one went deaf); ``writers`` makes the probe of files
+    open for writing (returning None: the events alone tell); ``clock`` gives monotonic
+    seconds; ``wait`` returns at the next wake-up or after the seconds given (by default,
+    ``select`` on the wake-up pipe).
     """
 
     def __init__(
@@ -55,6 +63,7 @@ class Daemon:
         notifier: Notifier,
         runner: RunnerFactory,
         watcher: WatcherFactory,
+        writers: Callable[[], WritingProbe | None] = LeaseProbe,
         clock: Callable[[], float] = time.monotonic,
         wait: WaitForWakeup | None = None,
     ) -> None:
@@ -67,9 +76,9 @@ class Daemon:
         self._wait_for_wakeup = wait if wait is not None else self._wakeup.wait
         self._stop_requests = 0
         self._reloads = reload.ReloadRequests(config.path)
-        self._debouncer = Debouncer(config.watch.quiet_seconds, config.watch.max_wait_seconds)
-        self._new_watcher = watcher
-        self._watcher: Watcher | None = None
+        self._writing = writers()
+        self._debouncer = self._new_debouncer()
+        self._keeper = WatchKeeper(watcher, self._on_change)
         self._runner = runner(
             Supervision(
                 should_abort=lambda: self.stopping,
@@ -121,6 +130,9 @@ class Daemon:
         )
         if self.notifier.unusable_reason:
             self.log.warning("notify_unusable", reason=self.notifier.unusable_reason)
+        # A lease the writing probe takes is broken with SIGIO, whose default ends the process.
+        snapshot.ignore_lease_breaks()
+        self.config = network.usable(self.config)
         self.config.frozen_dir.mkdir(parents=True, exist_ok=True)
         self.config.serving_dir.mkdir(parents=True, exist_ok=True)
         # A serving_dir the daemon cannot write ends it here, with the folder's event and an
@@ -130,12 +142,7 @@ class Daemon:
             self.log.info("staging_removed", path=str(self.config.serving_dir / name))
         self._start_watcher()
         if self.metrics is not None and self.config.metrics.listen:
-            self.metrics.serve(self.config.metrics.listen)
-            newest = publish.newest(self.config.serving_dir)
-            if newest is not None:
-                signatures = publish.read_manifest(newest[1]).get("signatures", {})
-                self.metrics.serving(newest[0], len(signatures))
-            self.log.info("metrics_listening", listen=self.config.metrics.listen)
+            self.metrics.start(self.config.metrics.listen, self.config.serving_dir)
         try:
             if not self.stopping:
                 self._build(trigger="startup", skip_unchanged_files=True)
@@ -157,6 +164,8 @@ class Daemon:
         if self._reloads.requested:
             self._reload()
         now = self.clock()
+        for change in self._keeper.check(now):
+            self._debouncer.add(change, now)
         while self._changes:
             change = self._changes.popleft()
             if not self._reloads.file_changed(change, now, self.config.watch.quiet_seconds):
@@ -164,19 +173,20 @@ class Daemon:
         if self._reloads.poll(now):
             return
         flush = self._debouncer.poll(now, self._stat)
+        for held in self._debouncer.take_held():
+            self.log.info("batch_held", **held.fields(now))
         if flush is not None:
             self._settled(flush, now)
             return
-        deadlines = [
-            d for d in (self._debouncer.next_deadline(), self._reloads.due) if d is not None
-        ]
-        self._sleep_until(min(deadlines) if deadlines else None)
+        deadlines = [self._debouncer.next_deadline(), self._reloads.due, self._keeper.next_check]
+        self._sleep_until(min(d for d in deadlines if d is not None))
 
     def _sleep_until(self, deadline: float | None) -> None:
-        timeout = None if deadline is None else max(0.0, deadline - self.clock())
-        interval = self.notifier.watchdog_interval
-        if interval is not None:
-            timeout = interval if timeout is None else min(timeout, interval)
+        if self.notifier.watchdog_interval is not None:
+            # Wake for the next ping, whatever woke the loop since the last one.
+            ping = self._last_ping + self.notifier.watchdog_interval
+            deadline = ping if deadline is None else min(deadline, ping)
+        timeout = None if deadline in (None, math.inf) else max(0.0, deadline - self.clock())
         self._wait_for_wakeup(timeout)
 
     def _wait(self, seconds: float) -> bool:
@@ -208,6 +218,14 @@ class Daemon:
             self.notifier.watchdog()
             self._last_ping = now
 
+    def _new_debouncer(self) -> Debouncer:
+        watch, probe = self.config.watch, self._writing
+        return Debouncer(
+            watch.quiet_seconds,
+            watch.max_wait_seconds,
+            writing=None if probe is None else lambda path: probe(self.config.frozen_dir, path),
+        )
+
     def _stat(self, relpath: str) -> StatKey | None:
         try:
             st = os.stat(self.config.frozen_dir / relpath)
@@ -224,6 +242,7 @@ class Daemon:
             still_writing=sorted(flush.still_writing),
             settle_seconds=round(settle, 3),
         )
+        self._keeper.remember()
         self._build(trigger=flush.reason, settle_seconds=settle, last_change=flush.last_change)
 
     # --- builds --------------------------------------------------------------------------
@@ -267,6 +286,8 @@ class Daemon:
                 outcome.outcome, outcome.fields, outcome.version, time_to_live=ttl
             )
         self._runner.prepare(self.config)
+        # Files not at rest when the worker read them are built once they are.
+        self._debouncer.requeue(outcome.fields.get("unsettled", ()), self.clock())
         if outcome.fields.get("no_default_signature"):
             self._warned_no_default = True
         if outcome.version is not None:
@@ -321,7 +342,8 @@ class Daemon:
         if config is None:
             self.notifier.ready(self._status_text())
             return
-        old, self.config = self.config, config
+        old, self.config = self.config, network.usable(config)
+        config = self.config
         if config.log != old.log:
             logs.configure(fmt=config.log.format, level=config.log.level)
             self.log = get_logger()
@@ -333,26 +355,17 @@ class Daemon:
                 reason="the metrics endpoint is started, moved or stopped only by a restart",
             )
         if config.watch != old.watch:
-            self._debouncer = Debouncer(config.watch.quiet_seconds, config.watch.max_wait_seconds)
+            self._debouncer = self._new_debouncer()
         if config.frozen_dir != old.frozen_dir:
-            self._stop_watcher()
             self._start_watcher()
         self.notifier.ready(self._status_text())
         self._build(trigger="reload", skip_unchanged_files=True)
 
     def _start_watcher(self) -> None:
-        self._watcher = self._new_watcher(
-            self.config.frozen_dir, self._on_change, also_watch=[self.config.path]
-        )
-        self._watcher.start()
-
-    def _stop_watcher(self) -> None:
-        if self._watcher is not None:
-            self._watcher.stop()
-            self._watcher = None
+        self._keeper.start(self.config.frozen_dir, [self.config.path], self.clock())
 
     def _shutdown(self) -> None:
-        self._stop_watcher()
+        self._keeper.stop()
         if self.metrics is not None:
             self.metrics.close()
         self._runner.close()

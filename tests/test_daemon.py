@@ -13,10 +13,10 @@ import pytest
 from tfmerge import exitcodes
 
 import graphgen
-from daemonlib import DaemonProcess, wait_until
+from daemonlib import DaemonProcess, NotifyListener, wait_until
 from graphgen import FrozenModel
 from projectlib import Project, model_entry
-from servinglib import assert_same_outputs, highest, manifest, run_signatures, versions
+from servinglib import assert_outputs_match, highest, manifest, run_signatures, versions
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -55,7 +55,7 @@ def assert_serves(version: Path, served: dict[str, FrozenModel]) -> None:
         outputs = {k: v for k, v in model.outputs.items() if k in published[sig]}
         assert outputs
         expected = graphgen.run_frozen(model.path, {model.inputs["x"]: feeds[sig]["x"]}, outputs)
-        assert_same_outputs(published[sig], expected)
+        assert_outputs_match(published[sig], expected)
 
 
 def test_uploads_like_scp_rsync_and_sftp_each_publish_one_version(
@@ -178,23 +178,21 @@ def test_second_instance_refuses_and_notify_protocol(
     project = Project(tmp_path)
     project.add(models["m0"], "m0.pb")
     project.configure(discover=True)
-    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     address = str(tmp_path / "notify.sock")
-    receiver.bind(address)
-    receiver.settimeout(120)
-    try:
+    with NotifyListener(address) as listener:
         daemon = DaemonProcess(
             project.config, env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "2000000"}
         )
         with daemon:
-            messages = []
-            while not any("READY=1" in m for m in messages):
-                messages.append(receiver.recv(4096).decode())
-            assert any(m.startswith("STATUS=building") for m in messages)
-            ready = next(m for m in messages if "READY=1" in m)
-            assert "STATUS=idle: serving version 1" in ready
-            while "WATCHDOG=1" not in messages[-1]:
-                messages.append(receiver.recv(4096).decode())
+
+            def alive() -> bool:
+                return daemon.process.poll() is None
+
+            ready = listener.wait_for("READY=1", alive=alive)
+            assert "STATUS=idle: serving version 1" in ready.splitlines()
+            before_ready = listener.messages[: listener.messages.index(ready)]
+            assert any(m.startswith("STATUS=building") for m in before_ready)
+            listener.wait_for("WATCHDOG=1", alive=alive)
 
             second = DaemonProcess(project.config)
             with second:
@@ -202,10 +200,7 @@ def test_second_instance_refuses_and_notify_protocol(
                 refused = second.wait_for("another_instance")
                 assert refused["holder_pid"] == daemon.process.pid
             assert daemon.stop() == exitcodes.OK
-            while "STOPPING=1" not in messages[-1]:
-                messages.append(receiver.recv(4096).decode())
-    finally:
-        receiver.close()
+            listener.wait_for("STOPPING=1", alive=lambda: False)
 
 
 def test_sigterm_during_a_build_leaves_no_staging(

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tfmerge import oppolicy
+from tfmerge.tolerance import DEFAULT_TOLERANCES, Tolerance
 
 GiB = 1024**3
 _TENSOR_NAME = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\-/>]*(:\d+)?$")
@@ -96,6 +97,15 @@ class ServingSettings:
 
 
 @dataclass(frozen=True)
+class SmokeSettings:
+    """How `tfmerge smoke` judges a live server's answers."""
+
+    #: Per float dtype name: how far an answer may be from the source's output. The server
+    #: runs its own optimisations, so its floats may differ in the last bits.
+    tolerances: Mapping[str, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
+
+
+@dataclass(frozen=True)
 class MetricsSettings:
     #: "HOST:PORT" of the Prometheus endpoint; None: no endpoint.
     listen: str | None = None
@@ -118,6 +128,7 @@ class Config:
     #: Signature that clients naming none (``serving_default``) get.
     default_signature: str | None = None
     serving: ServingSettings = field(default_factory=ServingSettings)
+    smoke: SmokeSettings = field(default_factory=SmokeSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
@@ -182,9 +193,10 @@ class _Table:
             value = {}
         return _Table(value, f"{self.key(name)}.", self._problems)
 
-    def finish(self) -> None:
+    def finish(self, expected: Sequence[str] = ()) -> None:
+        hint = f" (expected one of {', '.join(expected)})" if expected else ""
         for name in sorted(self._data):
-            self.problem(name, "unknown key")
+            self.problem(name, f"unknown key{hint}")
 
 
 def _string_map(table: _Table, name: str, *, required: bool) -> dict[str, str]:
@@ -310,6 +322,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     log_table.finish()
     default_signature = top.string("default_signature")
     serving = _serving(top.table("serving"))
+    smoke = _smoke(top.table("smoke"))
     metrics_table = top.table("metrics")
     listen = metrics_table.string("listen")
     if listen is not None and not _HOST_PORT.match(listen):
@@ -340,6 +353,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         log=log,
         default_signature=default_signature,
         serving=serving,
+        smoke=smoke,
         metrics=MetricsSettings(listen=listen),
     )
 
@@ -375,6 +389,21 @@ def _serving(table: _Table) -> ServingSettings:
     )
     table.finish()
     return settings
+
+
+def _smoke(table: _Table) -> SmokeSettings:
+    tolerance_table = table.table("tolerance")
+    tolerances = {}
+    for dtype, default in DEFAULT_TOLERANCES.items():
+        entry = tolerance_table.table(dtype)
+        tolerances[dtype] = Tolerance(
+            rtol=float(entry.number("rtol", default.rtol, minimum=0.0)),
+            atol=float(entry.number("atol", default.atol, minimum=0.0)),
+        )
+        entry.finish(("rtol", "atol"))
+    tolerance_table.finish(tuple(DEFAULT_TOLERANCES))
+    table.finish()
+    return SmokeSettings(tolerances=tolerances)
 
 
 def _duplicate_signatures(models: Sequence[ModelDecl]) -> Iterator[Problem]:

@@ -189,7 +189,7 @@ def test_second_instance_refuses_and_notify_protocol(
                 return daemon.process.poll() is None
 
             ready = listener.wait_for("READY=1", alive=alive)
-            assert "STATUS=idle: serving version 1" in ready.splitlines()
+            assert "STATUS=idle: serving version 1" in ready
             before_ready = listener.messages[: listener.messages.index(ready)]
             assert any(m.startswith("STATUS=building") for m in before_ready)
             listener.wait_for("WATCHDOG=1", alive=alive)

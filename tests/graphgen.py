@@ -481,11 +481,18 @@ def write_tf2_control_flow(path: Path, *, variant: int) -> FrozenModel:
 def tf2_pair(directory: Path) -> tuple[FrozenModel, FrozenModel]:
     """Two TF2 graphs frozen in two processes whose function libraries define the same
     names with different bodies; raises if they do not."""
-    first, second = directory / "tf2_variant0.pb", directory / "tf2_variant1.pb"
-    _run_tf2([(first, 0), (second, 1)])
-    if not function_conflicts(first, second):
-        raise RuntimeError(f"{first} and {second} share no function name with different bodies")
-    return _tf2_model(first), _tf2_model(second)
+    first, second = tf2_models(directory)
+    _run_tf2([(first.path, 0), (second.path, 1)])
+    if not function_conflicts(first.path, second.path):
+        raise RuntimeError(
+            f"{first.path} and {second.path} share no function name with different bodies"
+        )
+    return first, second
+
+
+def tf2_models(directory: Path) -> tuple[FrozenModel, FrozenModel]:
+    """The models of the pair `tf2_pair` writes into directory."""
+    return _tf2_model(directory / "tf2_variant0.pb"), _tf2_model(directory / "tf2_variant1.pb")
 
 
 # --- big graphs for benchmarks, written without building them in memory ------------

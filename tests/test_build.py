@@ -33,10 +33,12 @@ from servinglib import (
 pytestmark = pytest.mark.timeout(600)
 
 
-@pytest.fixture(scope="session")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, FrozenModel]:
+@pytest.fixture(scope="module")
+def models(
+    tmp_path_factory: pytest.TempPathFactory, tf2_pair: tuple[FrozenModel, FrozenModel]
+) -> dict[str, FrozenModel]:
     root = tmp_path_factory.mktemp("models")
-    first, second = graphgen.tf2_pair(root)
+    first, second = tf2_pair
     return {
         "dense": graphgen.write_dense(root / "dense.pb", seed=0),
         "dense_b": graphgen.write_dense(root / "dense_b.pb", seed=1),

@@ -265,11 +265,6 @@ def test_big_dense_streamed_file_is_the_graphs_own_serialization(tmp_path: Path)
 # --- TF2 control flow (children processes) -------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tf2_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[FrozenModel, FrozenModel]:
-    return graphgen.tf2_pair(tmp_path_factory.mktemp("tf2"))
-
-
 def _tf2_reference(x: np.ndarray, variant: int) -> tuple[np.ndarray, np.ndarray]:
     # The same arithmetic as the frozen graph, written out in numpy.
     shift = np.random.default_rng(variant).standard_normal(4).astype(np.float32)
@@ -282,9 +277,9 @@ def _tf2_reference(x: np.ndarray, variant: int) -> tuple[np.ndarray, np.ndarray]
 
 @pytest.mark.slow
 def test_tf2_pair_defines_the_same_function_names_with_different_bodies(
-    tf2_models: tuple[FrozenModel, FrozenModel],
+    tf2_pair: tuple[FrozenModel, FrozenModel],
 ) -> None:
-    first, second = tf2_models
+    first, second = tf2_pair
 
     conflicts = graphgen.function_conflicts(first.path, second.path)
 
@@ -297,11 +292,11 @@ def test_tf2_pair_defines_the_same_function_names_with_different_bodies(
 
 @pytest.mark.slow
 def test_tf2_pair_cannot_be_imported_naively_into_one_graph(
-    tf2_models: tuple[FrozenModel, FrozenModel],
+    tf2_pair: tuple[FrozenModel, FrozenModel],
 ) -> None:
     import tensorflow as tf
 
-    first, second = tf2_models
+    first, second = tf2_pair
     with tf.Graph().as_default():
         tf.graph_util.import_graph_def(graphgen.load_graph_def(first.path), name="first")
         with pytest.raises(ValueError, match=r"Cannot add function .* different function"):
@@ -310,9 +305,9 @@ def test_tf2_pair_cannot_be_imported_naively_into_one_graph(
 
 @pytest.mark.slow
 def test_tf2_pair_graphs_compute_their_variant(
-    tf2_models: tuple[FrozenModel, FrozenModel],
+    tf2_pair: tuple[FrozenModel, FrozenModel],
 ) -> None:
-    for variant, model in enumerate(tf2_models):
+    for variant, model in enumerate(tf2_pair):
         result = _run_sample(model)
 
         y, row_sum = _tf2_reference(np.asarray(model.sample["x"]), variant)
@@ -322,11 +317,11 @@ def test_tf2_pair_graphs_compute_their_variant(
 
 @pytest.mark.slow
 def test_tf2_graph_is_reproducible_in_a_fresh_process(
-    tf2_models: tuple[FrozenModel, FrozenModel], tmp_path: Path
+    tf2_pair: tuple[FrozenModel, FrozenModel], tmp_path: Path
 ) -> None:
     again = graphgen.write_tf2_control_flow(tmp_path / "again.pb", variant=0)
 
-    assert again.path.read_bytes() == tf2_models[0].path.read_bytes()
+    assert again.path.read_bytes() == tf2_pair[0].path.read_bytes()
 
 
 def test_tf2_writer_refuses_a_negative_variant(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from tfmerge.config import Config
 from tfmerge.config import load as load_config
 
 import graphgen
+from graphgen import FrozenModel
 from grpcserving import (
     PredictionService,
     RestServer,
@@ -40,13 +41,15 @@ ALL_WAITS = [0.5, 1.0, 2.0, 4.0][: ATTEMPTS - 1]
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
+def project(
+    tmp_path_factory: pytest.TempPathFactory, tf2_pair: tuple[FrozenModel, FrozenModel]
+) -> Project:
     """One published version: a dense graph behind two signatures, a table with string
     input and output, and a TF2 graph of functions."""
     root = tmp_path_factory.mktemp("smoke")
     dense = graphgen.write_dense(root / "dense.pb", seed=0)
     table = graphgen.write_table_model(root / "table.pb")
-    flow = graphgen.write_tf2_control_flow(root / "flow.pb", variant=0)
+    flow = tf2_pair[0]
     project = Project(root / "project")
     for model, name in ((dense, "dense.pb"), (table, "table.pb"), (flow, "flow.pb")):
         project.add(model, name)

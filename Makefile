@@ -8,6 +8,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/tfmerge.toml
 STAMP := $(VENV)/.installed
+# pytest-xdist processes for `make test`: the suite spends most of its time waiting for child
+# processes (daemons, workers importing TensorFlow), so two keep two cores busy.
+TEST_WORKERS ?= 2
 
 .PHONY: run test lint typecheck check bench demo clean-venv
 
@@ -26,7 +29,7 @@ test: $(STAMP)
 	$(BIN)/ruff check $(CODE)
 	$(BIN)/ruff format --check $(CODE)
 	$(BIN)/mypy
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(CODE)

@@ -16,6 +16,11 @@ from typing import Any
 
 Event = Mapping[str, Any]
 
+#: Seconds a wait on real processes gets before it counts as a hang. Only a hang may reach it:
+#: a daemon start with its TensorFlow import takes seconds on an idle machine and a minute or
+#: two on one busy many times over, and pytest-timeout still bounds every test.
+PATIENCE = 240.0
+
 
 class DaemonProcess:
     """``tfmerge run`` in a child process; its stdout events collected by one reader thread."""
@@ -66,7 +71,7 @@ class DaemonProcess:
         *,
         since: int = 0,
         where: Callable[[dict[str, Any]], bool] = lambda e: True,
-        timeout: float = 120.0,
+        timeout: float = PATIENCE,
     ) -> dict[str, Any]:
         """The first event called name (after index since) that matches; fails at the deadline."""
         deadline = time.monotonic() + timeout
@@ -85,7 +90,7 @@ class DaemonProcess:
                     )
                 self._changed.wait(min(remaining, 0.5))
 
-    def wait_ready(self, timeout: float = 120.0) -> dict[str, Any]:
+    def wait_ready(self, timeout: float = PATIENCE) -> dict[str, Any]:
         return self.wait_for("daemon_ready", timeout=timeout)
 
     def worker_pids(self) -> list[int]:
@@ -105,7 +110,7 @@ class DaemonProcess:
                 workers.append(pid)
         return workers
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = PATIENCE) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)
         try:
@@ -209,7 +214,7 @@ class NotifyListener:
         self,
         line: str,
         *,
-        timeout: float = 120.0,
+        timeout: float = PATIENCE,
         alive: Callable[[], bool] = lambda: True,
     ) -> str:
         """The first message with this line. Fails at the deadline, or once alive() is false
@@ -244,7 +249,7 @@ class NotifyListener:
 
 
 def wait_until(
-    predicate: Callable[[], bool], *, timeout: float = 60.0, interval: float = 0.05
+    predicate: Callable[[], bool], *, timeout: float = PATIENCE, interval: float = 0.05
 ) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -34,7 +34,8 @@ HOSTNAME_FILE = "/etc/hostname"
 # keeps the file reproducible. Such a graph is meant to be refused, never run.
 PY_FUNC_TOKEN = "pyfunc_0"  # noqa: S105 (a PyFunc registry key, not a secret)
 
-_TF2_TIMEOUT_SECONDS = 180.0
+# A fresh process importing TensorFlow: seconds when idle, minutes on a crowded machine.
+_TF2_TIMEOUT_SECONDS = 240.0
 # Large constants are split so that no single tensor dwarfs the rest and each branch
 # stays a cheap matrix product.
 _BIG_CONST_BYTES = 64 * 2**20

@@ -54,7 +54,12 @@ class Project:
         self.frozen.mkdir(parents=True, exist_ok=True)
 
     def configure(
-        self, models: Sequence[Mapping[str, Any]] = (), *, discover: bool = False, **top: Any
+        self,
+        models: Sequence[Mapping[str, Any]] = (),
+        *,
+        discover: bool = False,
+        quiet_seconds: float = 0.3,
+        **top: Any,
     ) -> Path:
         settings = {"discover": discover, "keep_versions": 5, **top}
         # Relative to the config where it can be; a test may put the state folder elsewhere.
@@ -63,7 +68,7 @@ class Project:
             'frozen_dir = "frozen"\nserving_dir = "serving"\n'
             f"state_dir = {toml_value(str(state or self.state))}\n"
             + "".join(f"{k} = {toml_value(v)}\n" for k, v in settings.items())
-            + "[watch]\nquiet_seconds = 0.3\nmax_wait_seconds = 10.0\n"
+            + f"[watch]\nquiet_seconds = {quiet_seconds}\nmax_wait_seconds = 10.0\n"
             + '[log]\nformat = "json"\nlevel = "debug"\n'
             + models_toml(models)
         )

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 import graphgen
-from daemonlib import DaemonProcess, wait_until
+from daemonlib import PATIENCE, DaemonProcess, wait_until
 from graphgen import FrozenModel
 from projectlib import Project, model_entry
 from servinglib import manifest, versions
@@ -67,7 +67,7 @@ class Poller:
             ],
             stderr=subprocess.DEVNULL,
         )
-        wait_until(self.report_path.exists, timeout=120)
+        wait_until(self.report_path.exists)
 
     def report(self) -> dict[str, Any]:
         value: dict[str, Any] = json.loads(self.report_path.read_text())
@@ -78,7 +78,7 @@ class Poller:
 
     def finish(self) -> dict[str, Any]:
         self.stop_path.touch()
-        self.process.wait(timeout=60)
+        self.process.wait(timeout=PATIENCE)
         return self.report()
 
 
@@ -146,7 +146,7 @@ def test_daemon_killed_at_random_moments(
         assert manifest(project.serving / str(newest))["signatures"]["a"]["sha256"] == _sha(
             variants[2]
         )
-        wait_until(lambda: poller.has_loaded(newest), timeout=60)
+        wait_until(lambda: poller.has_loaded(newest))
     report = poller.finish()
     assert report["failures"] == []
     assert report["loaded"][-1] == newest
@@ -192,7 +192,6 @@ def test_worker_killed_at_random_moments(
                 "build_finished",
                 since=mark,
                 where=lambda e: e["outcome"] != "error",
-                timeout=180,
             )
             assert finished["outcome"] in ("published", "unchanged")
             assert not [p for p in project.serving.iterdir() if p.name.startswith(".staging")]
@@ -204,7 +203,7 @@ def test_worker_killed_at_random_moments(
         assert manifest(project.serving / str(newest))["signatures"]["a"]["sha256"] == _sha(
             fresh[(uploads - 1) % len(fresh)]
         )
-        wait_until(lambda: poller.has_loaded(newest), timeout=60)
+        wait_until(lambda: poller.has_loaded(newest))
     report = poller.finish()
     assert report["failures"] == []
     assert report["loaded"][-1] == newest
@@ -264,7 +263,7 @@ def test_full_or_failing_disk_publishes_nothing_partial(
         upload(project, variants[1])
         retry = daemon.wait_for("build_retry", since=mark)
         assert message in retry["reason"]
-        failed = daemon.wait_for("build_error", since=mark, timeout=180)
+        failed = daemon.wait_for("build_error", since=mark)
         assert message in failed["reason"]
         assert failed["transient"] is True
         assert sorted(versions(project.serving)) == [1]
@@ -274,6 +273,6 @@ def test_full_or_failing_disk_publishes_nothing_partial(
         control.write_text("")
         mark = daemon.mark()
         upload(project, variants[2])
-        finished = daemon.wait_for("build_finished", since=mark, timeout=180)
+        finished = daemon.wait_for("build_finished", since=mark)
         assert finished["outcome"] == "published"
         assert sorted(versions(project.serving)) == [1, 2]

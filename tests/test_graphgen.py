@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import graphgen
+from daemonlib import PATIENCE
 from graphgen import FrozenModel
 from servinglib import assert_close
 
@@ -340,7 +341,7 @@ def test_demo_model_script_rewrites_the_shipped_files(tmp_path: Path) -> None:
         [sys.executable, str(REPO / "scripts" / "make_demo_model.py"), str(out)],
         check=True,
         capture_output=True,
-        timeout=180,
+        timeout=PATIENCE,
     )
 
     assert out.read_bytes() == (REPO / "frozen" / "demo.pb").read_bytes()

@@ -34,7 +34,7 @@ import pytest
 from tfmerge import exitcodes
 from tfmerge.folders import publish
 
-from daemonlib import NotifyListener
+from daemonlib import PATIENCE, NotifyListener
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD_DIR = REPO / "systemd"
@@ -559,7 +559,7 @@ def _sandbox_environment(state_dir: Path, tmp_dir: Path) -> dict[str, str]:
 
 
 def _wait_for_version(process: subprocess.Popen[bytes], version: Path, log: Path) -> None:
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + PATIENCE
     while not version.is_dir():
         if process.poll() is not None or time.monotonic() > deadline:
             pytest.fail(f"no {version.name} published:\n{log.read_text()[-4000:]}")
@@ -624,7 +624,7 @@ def test_the_daemon_runs_inside_the_unit_sandbox(tmp_path: Path) -> None:
             _wait_for_version(process, serving / "1", log)
             listener.wait_for("WATCHDOG=1", alive=alive)
             process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=90) == exitcodes.OK, log.read_text()[-4000:]
+            assert process.wait(timeout=PATIENCE) == exitcodes.OK, log.read_text()[-4000:]
             listener.wait_for("STOPPING=1", alive=alive)
         finally:
             if process.poll() is None:

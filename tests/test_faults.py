@@ -127,6 +127,10 @@ def _start_to_ready(project: Project) -> float:
 def test_daemon_killed_at_random_moments(
     project: Project, poller: Poller, variants: list[FrozenModel], part: int
 ) -> None:
+    # As installed: a warm worker is importing TensorFlow whenever the daemon is idle.
+    project.configure(
+        [model_entry("a", "a.pb", variants[0])], keep_versions=3, worker={"warm": True}
+    )
     rng = random.Random(20261125 + part)
     span = 1.2 * _start_to_ready(project)
     for cycle in range(KILLS_PER_PART):
@@ -159,10 +163,11 @@ def test_worker_killed_at_random_moments(
     # Kills land in whichever worker is alive: one importing TensorFlow, one building (reading,
     # copying into the state folder, checking, merging, verifying, writing), or a warm one
     # waiting. Each upload is new content, so every build also copies it into the state folder.
-    text = project.config.read_text().replace(
-        "[watch]", f"[worker]\nwarm = true\nretries = {KILLS_PER_UPLOAD}\n[watch]"
+    project.configure(
+        [model_entry("a", "a.pb", variants[0])],
+        keep_versions=3,
+        worker={"warm": True, "retries": KILLS_PER_UPLOAD},
     )
-    project.config.write_text(text)
     rng = random.Random(1125 + part)
     fresh = variants[3:]
     with DaemonProcess(project.config) as daemon:
@@ -249,9 +254,9 @@ def test_full_or_failing_disk_publishes_nothing_partial(
     message: str,
 ) -> None:
     control = tmp_path / "faultfs.control"
-    project.configure([model_entry("a", "a.pb", variants[0])], keep_versions=3)
-    text = project.config.read_text().replace("[watch]", "[worker]\nretries = 1\n[watch]")
-    project.config.write_text(text)
+    project.configure(
+        [model_entry("a", "a.pb", variants[0])], keep_versions=3, worker={"retries": 1}
+    )
     env = {"LD_PRELOAD": str(faultfs), "FAULTFS_CONTROL": str(control)}
     with DaemonProcess(project.config, env=env) as daemon:
         daemon.wait_ready()

@@ -97,6 +97,12 @@ def test_smoke_tolerances_default_to_the_numeric_contract_and_can_be_set_per_dty
     }
 
 
+@pytest.mark.parametrize("shipped", ["config/tfmerge.toml", "config/etc/tfmerge.toml"])
+def test_the_shipped_configs_state_the_default_tolerances(shipped: str) -> None:
+    loaded = config_module.load(Path(__file__).resolve().parent.parent / shipped)
+    assert loaded.smoke.tolerances == dict(DEFAULT_TOLERANCES)
+
+
 def test_every_smoke_tolerance_problem_is_reported_at_once(tmp_path: Path) -> None:
     text = BASE + (
         "[smoke.tolerance]\n"

@@ -19,7 +19,7 @@ run_variant() {
     local log="$LOGS/$name.log"
     local started=$SECONDS
     # shellcheck disable=SC2086 # PYTEST_ARGS is meant to split into arguments
-    env "$@" "$PYTHON" -m pytest -n "$WORKERS" --dist worksteal -p no:cacheprovider \
+    env "$@" "$PYTHON" -m pytest -n "$WORKERS" --dist worksteal -p no:cacheprovider --durations=25 \
         ${PYTEST_ARGS:-} >"$log" 2>&1
     local code=$?
     local summary

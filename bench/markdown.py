@@ -173,9 +173,10 @@ the raw results of each run are written next to them as JSON.
   `k = (peak - baseline) / input bytes`, each tool against its own baseline.
 - **Published = source**: after every tfmerge run, `bench/check_published.py` loads the
   published version with `tf.compat.v1.saved_model.loader.load`, runs every signature on its
-  probe and compares the outputs (dtype, shape, bytes) with those of the source frozen graph
-  run alone by `tests/graphgen.py`'s `run_frozen`. The naive merge's output is checked the
-  same way in the first run.
+  probe and compares the outputs with those of the source frozen graph run alone by
+  `tests/graphgen.py`'s `run_frozen`, within the numeric contract (docs/serving.md: dtype
+  and shape the same, floats within their dtype's tolerance). The naive merge's output is
+  checked the same way in the first run.
 - **Medians** everywhere; ratios are ratios of medians.
 """
 
@@ -191,7 +192,7 @@ def _set_table(name: str, set_result: dict[str, Any]) -> str:
         "",
         (
             "| | whole command (s) | build step (s) | peak RSS (MiB) | k | published"
-            " | equal to sources |"
+            " | matches sources |"
         ),
         "|---|---:|---:|---:|---:|---:|---|",
     ]
@@ -345,7 +346,7 @@ def _live(results: dict[str, Any]) -> str:
     if checked:
         verdicts = [
             f"warm = {'true' if mode == 'warm' else 'false'}: {c['equal']}/{c['signatures']}"
-            f" signatures equal to their sources{_problems(c['mismatches'])}"
+            f" signatures match their sources{_problems(c['mismatches'])}"
             for mode, c in checked.items()
         ]
         lines += ["", "Published version of the first run, checked: " + "; ".join(verdicts) + "."]

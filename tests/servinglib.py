@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from tfmerge.build.compare import outputs_close
+
 _INTEGER = re.compile(r"^[0-9]+$")
 
 
@@ -96,38 +98,27 @@ def signature_names(version_dir: Path) -> set[str]:
     return set(saved.meta_graphs[0].signature_def)
 
 
-def assert_same_outputs(actual: Mapping[str, np.ndarray], expected: Mapping[str, Any]) -> None:
+def assert_close(actual: Any, expected: Any, what: str = "output") -> None:
+    """actual is within the numeric contract of expected (docs/serving.md): same dtype and shape,
+    integers, booleans and strings equal, floats within their dtype's tolerance.
+
+    For every comparison of runs under different settings: a published SavedModel and its
+    source graph each run with TensorFlow's defaults, so Grappler rewrites the two graphs
+    differently, and oneDNN or the CPU's instruction set can change the last bits.
+    """
+    problem = outputs_close(np.asarray(expected), np.asarray(actual))
+    assert problem is None, f"{what}: {problem}"
+
+
+def assert_outputs_match(actual: Mapping[str, np.ndarray], expected: Mapping[str, Any]) -> None:
+    """Every output of a signature is within the numeric contract of its source's."""
     assert set(actual) == set(expected)
     for key, value in expected.items():
-        want = np.asarray(value)
-        got = np.asarray(actual[key])
-        assert got.dtype == want.dtype, (key, got.dtype, want.dtype)
-        assert got.shape == want.shape, (key, got.shape, want.shape)
-        assert np.array_equal(got, want), key
-
-
-#: |actual - expected| <= atol + rtol * |expected|, by dtype, for floats computed under
-#: different session settings (graph optimisations on or off, another CPU): the numeric
-#: contract of docs/serving.md. Integers, booleans and strings must be equal.
-_ACROSS_SETTINGS = {
-    np.dtype(np.float16): (5e-2, 5e-2),
-    np.dtype(np.float32): (1e-3, 1e-3),
-    np.dtype(np.float64): (1e-10, 1e-11),
-}
+        assert_close(actual[key], value, key)
 
 
 def assert_close_across_settings(
     actual: Mapping[str, np.ndarray], expected: Mapping[str, Any]
 ) -> None:
     """Outputs computed under other session settings than expected's, within the contract."""
-    assert set(actual) == set(expected)
-    for key, value in expected.items():
-        want = np.asarray(value)
-        got = np.asarray(actual[key])
-        assert got.dtype == want.dtype, (key, got.dtype, want.dtype)
-        assert got.shape == want.shape, (key, got.shape, want.shape)
-        if want.dtype in _ACROSS_SETTINGS:
-            rtol, atol = _ACROSS_SETTINGS[want.dtype]
-            np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=key)
-        else:
-            assert np.array_equal(got, want), key
+    assert_outputs_match(actual, expected)

@@ -34,13 +34,14 @@ import pytest
 from tfmerge import exitcodes
 from tfmerge.folders import publish
 
+from daemonlib import PATIENCE, NotifyListener
+
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD_DIR = REPO / "systemd"
 UNIT = SYSTEMD_DIR / "tfmerge.service"
 NETWORK_DROP_IN = SYSTEMD_DIR / "tfmerge-network.conf"
 SYSUSERS = SYSTEMD_DIR / "tfmerge.sysusers"
 TMPFILES = SYSTEMD_DIR / "tfmerge.tmpfiles"
-HYAUDIO = REPO.parent / "shared" / "fixtures" / "hyaudio" / "hyaudio.pb"
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 needs_systemd_analyze = pytest.mark.skipif(
@@ -606,26 +607,8 @@ def _sandbox_environment(state_dir: Path, tmp_dir: Path) -> dict[str, str]:
     return env
 
 
-def _receive(
-    receiver: socket.socket,
-    messages: list[str],
-    wanted: str,
-    process: subprocess.Popen[bytes],
-    timeout: float,
-) -> None:
-    """Collect sd_notify datagrams until one carries the line wanted; fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    receiver.settimeout(0.5)
-    while not any(wanted in message.splitlines() for message in messages):
-        try:
-            messages.append(receiver.recv(4096).decode())
-        except TimeoutError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                pytest.fail(f"no {wanted} from the daemon (exit {process.poll()}); {messages[-5:]}")
-
-
 def _wait_for_version(process: subprocess.Popen[bytes], version: Path, log: Path) -> None:
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + PATIENCE
     while not version.is_dir():
         if process.poll() is not None or time.monotonic() > deadline:
             pytest.fail(f"no {version.name} published:\n{log.read_text()[-4000:]}")
@@ -645,11 +628,13 @@ def _wait_for_version(process: subprocess.Popen[bytes], version: Path, log: Path
 )
 @pytest.mark.timeout(400)
 def test_the_daemon_runs_inside_the_unit_sandbox(tmp_path: Path) -> None:
-    """`tfmerge run` publishes a merged conv net (and hyaudio) under the unit's restrictions."""
-    conv = tmp_path / "conv.pb"
-    freeze = "import sys, test_systemd_unit as t; t._write_conv_net(sys.argv[1])"
-    made = run([sys.executable, "-c", freeze, str(conv)], env={**os.environ, **_python_path()})
-    assert made.returncode == 0, made.stderr[-4000:]
+    """`tfmerge run` publishes a merged conv net and a TF1 classifier under the unit's
+    restrictions."""
+    import graphgen  # numpy: not for the child interpreters that import this module
+
+    conv, classifier = tmp_path / "conv.pb", tmp_path / "classifier.pb"
+    _write_conv_net(str(conv))
+    graphgen.write_tf1_classifier(classifier)
 
     writable = tmp_path / "writable"  # the unit's ReadWritePaths= and StateDirectory=
     frozen, serving, state, scratch = (writable / n for n in ("frozen", "serving", "state", "tmp"))
@@ -664,10 +649,8 @@ def test_the_daemon_runs_inside_the_unit_sandbox(tmp_path: Path) -> None:
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps(_sandbox_spec(scratch / "probes.json")))
 
-    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    address = f"tfmerge-sandbox-test-{os.getpid()}"
-    receiver.bind("\0" + address)
-    env = {**_sandbox_environment(state, scratch), "NOTIFY_SOCKET": "@" + address}
+    address = f"@tfmerge-sandbox-test-{os.getpid()}"
+    env = {**_sandbox_environment(state, scratch), "NOTIFY_SOCKET": address}
     env["WATCHDOG_USEC"] = "2000000"
     launch = "import sys, test_systemd_unit as t; t._exec_sandboxed(sys.argv[1], sys.argv[2:])"
     daemon = [sys.executable, "-m", "tfmerge", "run", "-c", str(config)]
@@ -677,24 +660,25 @@ def test_the_daemon_runs_inside_the_unit_sandbox(tmp_path: Path) -> None:
         *(sys.executable, "-c", launch, str(spec), *daemon),
     ]
     log = tmp_path / "daemon.log"
-    messages: list[str] = []
-    with log.open("wb") as output:
+    with NotifyListener(address) as listener, log.open("wb") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
-    try:
-        _receive(receiver, messages, "READY=1", process, 120)
-        shutil.copyfile(conv, frozen / "conv.pb")
-        if HYAUDIO.is_file():
-            shutil.copyfile(HYAUDIO, frozen / "hyaudio.pb")
-        _wait_for_version(process, serving / "1", log)
-        _receive(receiver, messages, "WATCHDOG=1", process, 30)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=90) == exitcodes.OK, log.read_text()[-4000:]
-        _receive(receiver, messages, "STOPPING=1", process, 5)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        receiver.close()
+
+        def alive() -> bool:
+            return process.poll() is None
+
+        try:
+            listener.wait_for("READY=1", alive=alive)
+            shutil.copyfile(conv, frozen / "conv.pb")
+            shutil.copyfile(classifier, frozen / "classifier.pb")
+            _wait_for_version(process, serving / "1", log)
+            listener.wait_for("WATCHDOG=1", alive=alive)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=PATIENCE) == exitcodes.OK, log.read_text()[-4000:]
+            listener.wait_for("STOPPING=1", alive=alive)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
     assert json.loads((scratch / "probes.json").read_text()) == {
         "wx_mmap": "EPERM",  # MemoryDenyWriteExecute=yes
@@ -704,6 +688,6 @@ def test_the_daemon_runs_inside_the_unit_sandbox(tmp_path: Path) -> None:
         "proc_cpuinfo": "hidden",  # ProcSubset=pid
     }
     signatures = publish.read_manifest(serving / "1").get("signatures", {})
-    assert sorted(signatures) == (["conv", "hyaudio"] if HYAUDIO.is_file() else ["conv"])
+    assert sorted(signatures) == ["classifier", "conv"]
     events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     assert [e["event"] for e in events if e.get("level") == "error"] == []

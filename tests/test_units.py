@@ -17,6 +17,7 @@ from tfmerge.build.bundle import Entry
 from tfmerge.build.variables import Variables, restore_groups
 from tfmerge.config import ConfigError
 from tfmerge.folders import publish
+from tfmerge.tolerance import DEFAULT_TOLERANCES, Tolerance
 
 _VALID_NODE_NAME = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\-/]*$")
 
@@ -89,12 +90,52 @@ def test_tensor_names_default_to_output_zero(tmp_path: Path) -> None:
             ),
             "models[0].keep_devices: expected true or false",
         ),
+        ("[smoke]\ntolerance = 0.1\n", "smoke.tolerance: expected a table, got 0.1"),
     ],
 )
 def test_config_problems_name_the_key(tmp_path: Path, extra: str, expected: str) -> None:
     with pytest.raises(ConfigError) as caught:
         config_module.load(write_config(tmp_path, BASE + extra))
     assert any(expected in str(p) for p in caught.value.problems), caught.value.problems
+
+
+def test_smoke_tolerances_default_to_the_numeric_contract_and_can_be_set_per_dtype(
+    tmp_path: Path,
+) -> None:
+    assert config_module.load(write_config(tmp_path, BASE)).smoke.tolerances == dict(
+        DEFAULT_TOLERANCES
+    )
+    text = BASE + "[smoke.tolerance]\nfloat32 = { rtol = 0.01 }\nfloat64 = { rtol = 0, atol = 0 }\n"
+    tolerances = config_module.load(write_config(tmp_path, text)).smoke.tolerances
+    assert tolerances == {
+        **DEFAULT_TOLERANCES,
+        "float32": Tolerance(rtol=0.01, atol=DEFAULT_TOLERANCES["float32"].atol),
+        "float64": Tolerance(rtol=0.0, atol=0.0),
+    }
+
+
+@pytest.mark.parametrize("shipped", ["config/tfmerge.toml", "config/etc/tfmerge.toml"])
+def test_the_shipped_configs_state_the_default_tolerances(shipped: str) -> None:
+    loaded = config_module.load(Path(__file__).resolve().parent.parent / shipped)
+    assert loaded.smoke.tolerances == dict(DEFAULT_TOLERANCES)
+
+
+def test_every_smoke_tolerance_problem_is_reported_at_once(tmp_path: Path) -> None:
+    text = BASE + (
+        "[smoke.tolerance]\n"
+        'float16 = { rtol = -1, atol = "x", tol = 2 }\n'
+        "int32 = { rtol = 0 }\n"
+        "bfloat16 = 0.1\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        config_module.load(write_config(tmp_path, text))
+    assert sorted(map(str, caught.value.problems)) == [
+        "smoke.tolerance.bfloat16: expected a table, got 0.1",
+        "smoke.tolerance.float16.atol: expected a number, got 'x'",
+        "smoke.tolerance.float16.rtol: expected a number >= 0.0, got -1",
+        "smoke.tolerance.float16.tol: unknown key (expected one of rtol, atol)",
+        "smoke.tolerance.int32: unknown key (expected one of float16, bfloat16, float32, float64)",
+    ]
 
 
 def test_unreadable_and_invalid_toml(tmp_path: Path) -> None:

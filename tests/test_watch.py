@@ -22,7 +22,8 @@ from tfmerge.daemon import overflow
 from tfmerge.daemon.debounce import Change
 from tfmerge.daemon.watch import FolderWatcher
 
-WAIT_SECONDS = 10.0
+# Only a missing event reaches this: inotify reports within milliseconds, even when busy.
+WAIT_SECONDS = 60.0
 BARRIER = "zz-barrier.pb"
 
 StartWatcher = Callable[..., "queue.Queue[Change]"]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tfmerge import oppolicy
+from tfmerge.tolerance import DEFAULT_TOLERANCES, Tolerance
 
 GiB = 1024**3
 MiB = 1024**2
@@ -138,6 +139,15 @@ class ServingSettings:
 
 
 @dataclass(frozen=True)
+class SmokeSettings:
+    """How `tfmerge smoke` judges a live server's answers."""
+
+    #: Per float dtype name: how far an answer may be from the source's output. The server
+    #: runs its own optimisations, so its floats may differ in the last bits.
+    tolerances: Mapping[str, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
+
+
+@dataclass(frozen=True)
 class MetricsSettings:
     #: "HOST:PORT" of the Prometheus endpoint; None: no endpoint.
     listen: str | None = None
@@ -167,6 +177,7 @@ class Config:
     #: Signature that clients naming none (``serving_default``) get.
     default_signature: str | None = None
     serving: ServingSettings = field(default_factory=ServingSettings)
+    smoke: SmokeSettings = field(default_factory=SmokeSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
@@ -184,8 +195,16 @@ class _Table:
         self._prefix = prefix
         self._problems = problems
         # Fields with a default_factory are tables of their own, read with their own class.
-        defaults = fields(settings) if settings is not None else ()
-        self._defaults = {f.name: f.default for f in defaults if f.default is not MISSING}
+        # An instance instead of a class gives its own values as the defaults (a table whose
+        # defaults depend on its name, such as one tolerance per dtype).
+        if settings is None:
+            self._defaults: dict[str, Any] = {}
+        elif isinstance(settings, type):
+            self._defaults = {
+                f.name: f.default for f in fields(settings) if f.default is not MISSING
+            }
+        else:
+            self._defaults = {f.name: getattr(settings, f.name) for f in fields(settings)}
 
     def key(self, name: str) -> str:
         return f"{self._prefix}{name}"
@@ -249,9 +268,10 @@ class _Table:
             value = {}
         return _Table(value, f"{self.key(name)}.", self._problems, settings)
 
-    def finish(self) -> None:
+    def finish(self, expected: Sequence[str] = ()) -> None:
+        hint = f" (expected one of {', '.join(expected)})" if expected else ""
         for name in sorted(self._data):
-            self.problem(name, "unknown key")
+            self.problem(name, f"unknown key{hint}")
 
 
 def _string_map(table: _Table, name: str, *, required: bool) -> dict[str, str]:
@@ -436,6 +456,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     log_table.finish()
     default_signature = top.string("default_signature")
     serving = _serving(top.table("serving", ServingSettings))
+    smoke = _smoke(top.table("smoke"))
     metrics_table = top.table("metrics", MetricsSettings)
     listen = metrics_table.string("listen")
     if listen is not None and not _HOST_PORT.match(listen):
@@ -470,6 +491,7 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         log=log,
         default_signature=default_signature,
         serving=serving,
+        smoke=smoke,
         metrics=MetricsSettings(listen=listen),
     )
 
@@ -505,6 +527,21 @@ def _serving(table: _Table) -> ServingSettings:
     )
     table.finish()
     return settings
+
+
+def _smoke(table: _Table) -> SmokeSettings:
+    tolerance_table = table.table("tolerance")
+    tolerances = {}
+    for dtype, default in DEFAULT_TOLERANCES.items():
+        entry = tolerance_table.table(dtype, default)
+        tolerances[dtype] = Tolerance(
+            rtol=float(entry.number("rtol", minimum=0.0)),
+            atol=float(entry.number("atol", minimum=0.0)),
+        )
+        entry.finish(("rtol", "atol"))
+    tolerance_table.finish(tuple(DEFAULT_TOLERANCES))
+    table.finish()
+    return SmokeSettings(tolerances=tolerances)
 
 
 def _duplicate_signatures(models: Sequence[ModelDecl]) -> Iterator[Problem]:

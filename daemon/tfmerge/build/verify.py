@@ -3,8 +3,9 @@
 Worker side. The loader is the SavedModel loader in a session with tag ``serve`` (it runs the
 init op, as the server does), and every signature is looked up by name and run on the probe
 input its source graph already answered. Outputs must be identical: same dtype, same shape,
-same bytes (NaN equal to NaN). Identical kernels on identical inputs give identical results,
-so no tolerance is applied.
+same bytes (NaN equal to NaN). Both sides run under the same session settings
+(``check_session_config``), and identical kernels on identical inputs give identical results,
+so no tolerance is applied (see tfmerge.tolerance for comparisons across settings).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from tfmerge.build import tfcore
+from tfmerge.build.compare import outputs_equal
 from tfmerge.build.probe import check_session_config
 
 
@@ -24,26 +26,6 @@ from tfmerge.build.probe import check_session_config
 class Mismatch:
     signature: str
     reason: str
-
-
-def outputs_equal(expected: np.ndarray, actual: np.ndarray) -> str | None:
-    """None when equal; otherwise why not, in a few words."""
-    expected = np.asarray(expected)
-    actual = np.asarray(actual)
-    if expected.dtype != actual.dtype:
-        return f"dtype {actual.dtype} != source {expected.dtype}"
-    if expected.shape != actual.shape:
-        return f"shape {actual.shape} != source {expected.shape}"
-    if expected.dtype.kind in "fc":
-        equal = np.array_equal(expected, actual, equal_nan=True)
-    else:
-        equal = np.array_equal(expected, actual)
-    if not equal:
-        if expected.dtype.kind in "fc":
-            diff: float = np.nanmax(np.abs(expected.astype(np.float64) - actual.astype(np.float64)))
-            return f"values differ from the source (max abs difference {diff:.3g})"
-        return "values differ from the source"
-    return None
 
 
 def load_and_run(

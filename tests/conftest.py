@@ -19,6 +19,9 @@ from hypothesis import settings
 import graphgen
 from graphgen import FrozenModel
 
+#: The repository root, for tests that read its files (README, docs, config).
+REPO = Path(__file__).resolve().parent.parent
+
 # Property tests draw the same examples on every run: a failure reproduces, a pass is no luck.
 settings.register_profile("tfmerge", derandomize=True, database=None, deadline=None)
 settings.load_profile("tfmerge")

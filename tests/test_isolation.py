@@ -22,7 +22,7 @@ import poisongraphs
 from daemonlib import DaemonProcess
 from graphgen import FrozenModel
 from projectlib import Project, model_entry, named, one, parse_events
-from servinglib import assert_same_outputs, highest, manifest, run_signatures, versions
+from servinglib import assert_outputs_match, highest, manifest, run_signatures, versions
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -86,7 +86,7 @@ def assert_serves(version: Path, served: dict[str, FrozenModel]) -> None:
     for sig, model in served.items():
         outputs = {k: v for k, v in model.outputs.items() if k in published[sig]}
         expected = graphgen.run_frozen(model.path, {model.inputs["x"]: feeds[sig]["x"]}, outputs)
-        assert_same_outputs(published[sig], expected)
+        assert_outputs_match(published[sig], expected)
 
 
 def refusals(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -231,7 +231,7 @@ def test_scopes_never_collide_with_each_other_or_with_tfmerge_s_own_names(
     for sig, model in served.items():
         outputs = {k: v for k, v in model.outputs.items() if k in published[sig]}
         tensors = {model.inputs[k]: v for k, v in feeds[sig].items()}
-        assert_same_outputs(published[sig], graphgen.run_frozen(model.path, tensors, outputs))
+        assert_outputs_match(published[sig], graphgen.run_frozen(model.path, tensors, outputs))
 
 
 def test_history_files_stay_one_line_per_version(

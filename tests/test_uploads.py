@@ -26,7 +26,7 @@ from uploaders import Uploader
 import graphgen
 from graphgen import FrozenModel
 from projectlib import Project, model_entry, named, one
-from servinglib import assert_same_outputs, highest, manifest, run_signatures, versions
+from servinglib import assert_outputs_match, highest, manifest, run_signatures, versions
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -48,7 +48,7 @@ def outputs_of(version: Path, signature: str, model: FrozenModel) -> None:
     """The published signature computes what model's graph computes."""
     x = np.asarray(model.sample["x"], dtype=np.float32)
     served = run_signatures(version, {signature: {"x": x}})[signature]
-    assert_same_outputs(served, graphgen.run_frozen(model.path, {"x:0": x}, model.outputs))
+    assert_outputs_match(served, graphgen.run_frozen(model.path, {"x:0": x}, model.outputs))
 
 
 def entries(models: dict[str, FrozenModel], **files: str) -> list[dict[str, Any]]:

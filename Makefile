@@ -8,8 +8,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/tfmerge.toml
 STAMP := $(VENV)/.installed
+# pytest-xdist processes for `make test`: the suite spends most of its time waiting for child
+# processes (daemons, workers importing TensorFlow), so two keep two cores busy.
+TEST_WORKERS ?= 2
 
-.PHONY: run test lint typecheck check bench demo clean-venv
+.PHONY: run test test-variants lint typecheck check bench demo clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,7 +29,11 @@ test: $(STAMP)
 	$(BIN)/ruff check $(CODE)
 	$(BIN)/ruff format --check $(CODE)
 	$(BIN)/mypy
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
+
+## test-variants: the test suite with oneDNN off and on, held to AVX2 and SSE4.1, and on a busy machine
+test-variants: $(STAMP)
+	scripts/test-variants.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(CODE)

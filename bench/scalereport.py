@@ -207,7 +207,7 @@ def render(results: dict[str, Any], plot_name: str) -> str:
         _para(
             """A full build starts from an empty state folder. The rebuild follows it with one
             model replaced by one of other weights (same interface), the state kept:
-            every other model's check is reused from `state_dir/verdicts`, and the
+            every other model's check is reused from `state_dir/checks`, and the
             merged model is still loaded and every signature run. The naive merge
             has no state: a change means a full merge, so its full build is its
             rebuild. Times in seconds; *step* is the build step (after the

@@ -34,7 +34,8 @@ HOSTNAME_FILE = "/etc/hostname"
 # keeps the file reproducible. Such a graph is meant to be refused, never run.
 PY_FUNC_TOKEN = "pyfunc_0"  # noqa: S105 (a PyFunc registry key, not a secret)
 
-_TF2_TIMEOUT_SECONDS = 180.0
+# A fresh process importing TensorFlow: seconds when idle, minutes on a crowded machine.
+_TF2_TIMEOUT_SECONDS = 240.0
 # Large constants are split so that no single tensor dwarfs the rest and each branch
 # stays a cheap matrix product.
 _BIG_CONST_BYTES = 64 * 2**20
@@ -245,6 +246,150 @@ def write_py_func(path: Path) -> FrozenModel:
     return FrozenModel(path=path, inputs={"x": "x:0"}, outputs={"y": "y:0"}, sample={"x": [2.0]})
 
 
+# --- a TF1-era classifier, node for node ------------------------------------------
+
+CLASSIFIER_SCOPE = "classifier"
+# Two functions of an input pipeline, left in the library of a graph frozen with TensorFlow 1:
+# nothing in the graph calls them, yet importing the graph imports them too.
+_UNREACHABLE_FUNCTIONS = (
+    """
+    signature {
+      name: "tf_map_func_labels"
+      input_arg { name: "label" type: DT_INT64 }
+      output_arg { name: "one_hot" type: DT_FLOAT }
+    }
+    node_def {
+      name: "depth" op: "Const"
+      attr { key: "dtype" value { type: DT_INT32 } }
+      attr { key: "value" value { tensor { dtype: DT_INT32 tensor_shape {} int_val: 2 } } }
+    }
+    node_def {
+      name: "on" op: "Const"
+      attr { key: "dtype" value { type: DT_FLOAT } }
+      attr { key: "value" value { tensor { dtype: DT_FLOAT tensor_shape {} float_val: 1 } } }
+    }
+    node_def {
+      name: "off" op: "Const"
+      attr { key: "dtype" value { type: DT_FLOAT } }
+      attr { key: "value" value { tensor { dtype: DT_FLOAT tensor_shape {} float_val: 0 } } }
+    }
+    node_def {
+      name: "OneHot" op: "OneHot"
+      input: "label" input: "depth:output:0" input: "on:output:0" input: "off:output:0"
+      attr { key: "T" value { type: DT_FLOAT } }
+      attr { key: "TI" value { type: DT_INT64 } }
+      attr { key: "axis" value { i: -1 } }
+    }
+    ret { key: "one_hot" value: "OneHot:output:0" }
+    """,
+    """
+    signature {
+      name: "tf_map_func_samples"
+      input_arg { name: "samples" type: DT_INT16 }
+      output_arg { name: "features" type: DT_FLOAT }
+    }
+    node_def {
+      name: "Cast" op: "Cast" input: "samples"
+      attr { key: "SrcT" value { type: DT_INT16 } }
+      attr { key: "DstT" value { type: DT_FLOAT } }
+      attr { key: "Truncate" value { b: false } }
+    }
+    node_def {
+      name: "scale" op: "Const"
+      attr { key: "dtype" value { type: DT_FLOAT } }
+      attr { key: "value" value { tensor { dtype: DT_FLOAT tensor_shape {} float_val: 3.0517578e-05 } } }
+    }
+    node_def {
+      name: "Mul" op: "Mul" input: "Cast:y:0" input: "scale:output:0"
+      attr { key: "T" value { type: DT_FLOAT } }
+    }
+    ret { key: "features" value: "Mul:z:0" }
+    """,
+)
+
+
+def write_tf1_classifier(
+    path: Path, *, seed: int = 0, in_dim: int = 640, hidden: int = 20, classes: int = 2
+) -> FrozenModel:
+    """A classifier as TensorFlow 1 froze them, written node by node: input `features` float32
+    [-1, in_dim] -> MatMul, BiasAdd, Relu -> MatMul, BiasAdd, Softmax -> TopKV2 (k = 1), whose
+    values and indices, squeezed, are the outputs `probs` float32 [-1] and `classes` int32
+    [-1]. Weights are constants read through Identity nodes, the function library holds two
+    functions nothing calls, and the `versions` field is left empty, as in graphs written
+    before TensorFlow recorded it."""
+    import tensorflow as tf
+    from google.protobuf import text_format
+
+    attr = tf.compat.v1.AttrValue
+    t_float = attr(type=tf.float32.as_datatype_enum)
+    t_int32 = attr(type=tf.int32.as_datatype_enum)
+    rng = np.random.default_rng(seed)
+    scope = CLASSIFIER_SCOPE
+    graph_def = tf.compat.v1.GraphDef()
+
+    def add(node: Any) -> str:
+        graph_def.node.append(node)
+        return str(node.name)
+
+    def weights(name: str, shape: tuple[int, ...], scale: float) -> str:
+        values = (scale * rng.standard_normal(shape)).astype(np.float32)
+        const = add(
+            _node(name, "Const", dtype=t_float, value=attr(tensor=tf.make_tensor_proto(values)))
+        )
+        colocate = attr(list=attr.ListValue(s=[f"loc:@{const}".encode()]))
+        return add(_node(f"{const}/read", "Identity", [const], T=t_float, _class=colocate))
+
+    def dense(name: str, inputs: str, width: int, out: int) -> str:
+        kernel = weights(f"{scope}/{name}/weights", (width, out), 1.0 / math.sqrt(width))
+        bias = weights(f"{scope}/{name}/biases", (out,), 0.1)
+        false = attr(b=False)
+        product = add(
+            _node(
+                f"{scope}/{name}/MatMul",
+                "MatMul",
+                [inputs, kernel],
+                T=t_float,
+                transpose_a=false,
+                transpose_b=false,
+            )
+        )
+        nhwc = attr(s=b"NHWC")
+        return add(
+            _node(
+                f"{scope}/{name}/BiasAdd", "BiasAdd", [product, bias], T=t_float, data_format=nhwc
+            )
+        )
+
+    shape = tf.TensorShape([None, in_dim]).as_proto()
+    features = add(
+        _node(f"{scope}/features", "Placeholder", dtype=t_float, shape=attr(shape=shape))
+    )
+    hidden_layer = dense("fully_connected", features, in_dim, hidden)
+    relu = add(_node(f"{scope}/fully_connected/Relu", "Relu", [hidden_layer], T=t_float))
+    logits = dense("logits", relu, hidden, classes)
+    softmax = add(_node(f"{scope}/prediction", "Softmax", [logits], T=t_float))
+    one = attr(tensor=tf.make_tensor_proto(np.int32(1)))
+    k = add(_node(f"{scope}/TopKV2/k", "Const", dtype=t_int32, value=one))
+    top = add(_node(f"{scope}/TopKV2", "TopKV2", [softmax, k], T=t_float, sorted=attr(b=True)))
+    squeeze = attr(list=attr.ListValue(i=[1]))
+    probs = add(_node(f"{scope}/Squeeze", "Squeeze", [top], T=t_float, squeeze_dims=squeeze))
+    indices = add(
+        _node(f"{scope}/Squeeze_1", "Squeeze", [f"{top}:1"], T=t_int32, squeeze_dims=squeeze)
+    )
+    add(_node(f"{scope}/predict_probs", "Identity", [probs], T=t_float))
+    add(_node(f"{scope}/predict_classes", "Identity", [indices], T=t_int32))
+    for text in _UNREACHABLE_FUNCTIONS:
+        text_format.Parse(text, graph_def.library.function.add())
+    _write_graph_def(path, graph_def)
+    sample = np.round(np.random.default_rng(seed + 1).standard_normal((3, in_dim)), 2)
+    return FrozenModel(
+        path=path,
+        inputs={"inputs": f"{scope}/features:0"},
+        outputs={"classes": f"{scope}/predict_classes:0", "probs": f"{scope}/predict_probs:0"},
+        sample={"inputs": sample.tolist()},
+    )
+
+
 # --- TF2 control flow, frozen in a fresh process -----------------------------------
 
 TF2_INPUTS = {"x": "x:0"}
@@ -337,11 +482,18 @@ def write_tf2_control_flow(path: Path, *, variant: int) -> FrozenModel:
 def tf2_pair(directory: Path) -> tuple[FrozenModel, FrozenModel]:
     """Two TF2 graphs frozen in two processes whose function libraries define the same
     names with different bodies; raises if they do not."""
-    first, second = directory / "tf2_variant0.pb", directory / "tf2_variant1.pb"
-    _run_tf2([(first, 0), (second, 1)])
-    if not function_conflicts(first, second):
-        raise RuntimeError(f"{first} and {second} share no function name with different bodies")
-    return _tf2_model(first), _tf2_model(second)
+    first, second = tf2_models(directory)
+    _run_tf2([(first.path, 0), (second.path, 1)])
+    if not function_conflicts(first.path, second.path):
+        raise RuntimeError(
+            f"{first.path} and {second.path} share no function name with different bodies"
+        )
+    return first, second
+
+
+def tf2_models(directory: Path) -> tuple[FrozenModel, FrozenModel]:
+    """The models of the pair `tf2_pair` writes into directory."""
+    return _tf2_model(directory / "tf2_variant0.pb"), _tf2_model(directory / "tf2_variant1.pb")
 
 
 # --- big graphs for benchmarks, written without building them in memory ------------

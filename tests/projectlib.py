@@ -54,16 +54,28 @@ class Project:
         self.frozen.mkdir(parents=True, exist_ok=True)
 
     def configure(
-        self, models: Sequence[Mapping[str, Any]] = (), *, discover: bool = False, **top: Any
+        self,
+        models: Sequence[Mapping[str, Any]] = (),
+        *,
+        discover: bool = False,
+        quiet_seconds: float = 0.3,
+        worker: Mapping[str, Any] | None = None,
+        **top: Any,
     ) -> Path:
+        """Write the config. No warm worker unless ``worker`` asks for one: a warm worker
+        imports TensorFlow after every build, and a test stops the daemon right after its
+        last build, so that import is two seconds of CPU spent for nothing."""
         settings = {"discover": discover, "keep_versions": 5, **top}
+        worker_settings = {"warm": False, **(worker or {})}
         # Relative to the config where it can be; a test may put the state folder elsewhere.
         state = self.state.relative_to(self.root) if self.state.is_relative_to(self.root) else None
         text = (
             'frozen_dir = "frozen"\nserving_dir = "serving"\n'
             f"state_dir = {toml_value(str(state or self.state))}\n"
             + "".join(f"{k} = {toml_value(v)}\n" for k, v in settings.items())
-            + "[watch]\nquiet_seconds = 0.3\nmax_wait_seconds = 10.0\n"
+            + "[worker]\n"
+            + "".join(f"{k} = {toml_value(v)}\n" for k, v in worker_settings.items())
+            + f"[watch]\nquiet_seconds = {quiet_seconds}\nmax_wait_seconds = 10.0\n"
             + '[log]\nformat = "json"\nlevel = "debug"\n'
             + models_toml(models)
         )

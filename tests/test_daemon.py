@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 from pathlib import Path
@@ -13,12 +14,15 @@ import pytest
 from tfmerge import exitcodes
 
 import graphgen
-from daemonlib import DaemonProcess, wait_until
+from daemonlib import PATIENCE, DaemonProcess, NotifyListener, wait_until
 from graphgen import FrozenModel
 from projectlib import Project, model_entry
-from servinglib import assert_same_outputs, highest, manifest, run_signatures, versions
+from servinglib import assert_outputs_match, highest, manifest, run_signatures, versions
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+ABSL_PREFIX = re.compile(r"^([IWEF])\d{4} ")
+ABSL_LEVELS = {"I": "info", "W": "warning", "E": "error", "F": "critical"}
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +32,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, FrozenModel]:
         f"m{i}": graphgen.write_dense(root / f"m{i}.pb", seed=20 + i, in_dim=6, hidden=64)
         for i in range(6)
     }
+
+
+#: The quiet period of tests in which several writes must make one batch: far longer than any
+#: pause a busy machine puts between two writes of one upload, or into the daemon's reading
+#: of their events.
+GROUPING_QUIET_SECONDS = 1.0
 
 
 def start(project: Project, **env: str) -> DaemonProcess:
@@ -55,16 +65,17 @@ def assert_serves(version: Path, served: dict[str, FrozenModel]) -> None:
         outputs = {k: v for k, v in model.outputs.items() if k in published[sig]}
         assert outputs
         expected = graphgen.run_frozen(model.path, {model.inputs["x"]: feeds[sig]["x"]}, outputs)
-        assert_same_outputs(published[sig], expected)
+        assert_outputs_match(published[sig], expected)
 
 
 def test_uploads_like_scp_rsync_and_sftp_each_publish_one_version(
     tmp_path: Path, models: dict[str, FrozenModel]
 ) -> None:
     project = Project(tmp_path)
-    project.configure(discover=True)
+    project.configure(discover=True, quiet_seconds=GROUPING_QUIET_SECONDS)
     project.add(models["m0"], "m0.pb")
-    with start(project) as daemon:
+    # TensorFlow's C++ runtime at its chattiest: its lines must come out as JSON events too.
+    with start(project, TF_CPP_MIN_LOG_LEVEL="0") as daemon:
         assert sorted(versions(project.serving)) == [1]
 
         # scp: several files, each written in place in chunks.
@@ -100,6 +111,17 @@ def test_uploads_like_scp_rsync_and_sftp_each_publish_one_version(
         assert_serves(highest(project.serving), {f"m{i}": models[f"m{i}"] for i in range(5)})
         assert daemon.stop() == exitcodes.OK
     assert not [p for p in project.serving.iterdir() if p.name.startswith(".staging")]
+    # Every line the daemon and its workers wrote, on stdout and on stderr, is a JSON event.
+    assert daemon.not_json == []
+    assert daemon.stderr_lines == []
+    relayed = daemon.named("worker_output")
+    assert relayed
+    for event in relayed:
+        prefix = ABSL_PREFIX.match(event["text"])
+        if prefix:
+            # A failed GPU probe is expected on a host without a GPU: info, whatever absl says.
+            gpu_probe = "failed call to cuInit" in event["text"]
+            assert event["level"] == ("info" if gpu_probe else ABSL_LEVELS[prefix[1]]), event
 
 
 def test_an_upload_cut_off_half_way_is_refused_until_completed(
@@ -135,7 +157,9 @@ def test_sighup_reloads_and_a_bad_config_keeps_the_old_one(
     project = Project(tmp_path)
     project.add(models["m0"], "m0.pb")
     project.add(models["m1"], "m1.pb")
-    project.configure([model_entry("m0", "m0.pb", models["m0"])])
+    project.configure(
+        [model_entry("m0", "m0.pb", models["m0"])], quiet_seconds=GROUPING_QUIET_SECONDS
+    )
     with start(project) as daemon:
         assert set(manifest(highest(project.serving))["signatures"]) == {"m0"}
         good = project.config.read_text()
@@ -147,7 +171,8 @@ def test_sighup_reloads_and_a_bad_config_keeps_the_old_one(
 
         mark = daemon.mark()
         project.configure(
-            [model_entry("m0", "m0.pb", models["m0"]), model_entry("m1", "m1.pb", models["m1"])]
+            [model_entry("m0", "m0.pb", models["m0"]), model_entry("m1", "m1.pb", models["m1"])],
+            quiet_seconds=GROUPING_QUIET_SECONDS,
         )
         daemon.process.send_signal(signal.SIGHUP)
         daemon.wait_for("config_reloaded", since=mark)
@@ -160,7 +185,7 @@ def test_sighup_reloads_and_a_bad_config_keeps_the_old_one(
         mark = daemon.mark()
         project.add(models["m2"], "m2.pb")
         entries = [model_entry(f"m{i}", f"m{i}.pb", models[f"m{i}"]) for i in range(3)]
-        project.configure(entries)
+        project.configure(entries, quiet_seconds=GROUPING_QUIET_SECONDS)
         with project.config.open("a") as handle:
             handle.write("\n# touched in a second write\n")
         finished = daemon.wait_for(
@@ -178,34 +203,29 @@ def test_second_instance_refuses_and_notify_protocol(
     project = Project(tmp_path)
     project.add(models["m0"], "m0.pb")
     project.configure(discover=True)
-    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     address = str(tmp_path / "notify.sock")
-    receiver.bind(address)
-    receiver.settimeout(120)
-    try:
+    with NotifyListener(address) as listener:
         daemon = DaemonProcess(
             project.config, env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "2000000"}
         )
         with daemon:
-            messages = []
-            while not any("READY=1" in m for m in messages):
-                messages.append(receiver.recv(4096).decode())
-            assert any(m.startswith("STATUS=building") for m in messages)
-            ready = next(m for m in messages if "READY=1" in m)
+
+            def alive() -> bool:
+                return daemon.process.poll() is None
+
+            ready = listener.wait_for("READY=1", alive=alive)
             assert "STATUS=idle: serving version 1" in ready
-            while "WATCHDOG=1" not in messages[-1]:
-                messages.append(receiver.recv(4096).decode())
+            before_ready = listener.messages[: listener.messages.index(ready)]
+            assert any(m.startswith("STATUS=building") for m in before_ready)
+            listener.wait_for("WATCHDOG=1", alive=alive)
 
             second = DaemonProcess(project.config)
             with second:
-                assert second.process.wait(timeout=60) == exitcodes.LOCKED
+                assert second.process.wait(timeout=PATIENCE) == exitcodes.LOCKED
                 refused = second.wait_for("another_instance")
                 assert refused["holder_pid"] == daemon.process.pid
             assert daemon.stop() == exitcodes.OK
-            while "STOPPING=1" not in messages[-1]:
-                messages.append(receiver.recv(4096).decode())
-    finally:
-        receiver.close()
+            listener.wait_for("STOPPING=1", alive=lambda: False)
 
 
 def test_sigterm_during_a_build_leaves_no_staging(
@@ -218,7 +238,7 @@ def test_sigterm_during_a_build_leaves_no_staging(
         mark = daemon.mark()
         project.add(models["m1"], "m1.pb")
         daemon.wait_for("build_started", since=mark)
-        wait_until(lambda: bool(daemon.worker_pids()), timeout=30)
+        wait_until(lambda: bool(daemon.worker_pids()))
         assert daemon.stop() == exitcodes.OK
         assert daemon.named("build_aborted", mark) or daemon.named("build_finished", mark)
     assert not [p for p in project.serving.iterdir() if p.name.startswith(".staging")]
@@ -248,7 +268,7 @@ def scrape(port: int) -> dict[str, float]:
 def test_metrics_endpoint(tmp_path: Path, models: dict[str, FrozenModel]) -> None:
     project = Project(tmp_path)
     project.add(models["m0"], "m0.pb")
-    project.configure(discover=True)
+    project.configure(discover=True, quiet_seconds=GROUPING_QUIET_SECONDS)
     port = free_port()
     with project.config.open("a") as handle:
         handle.write(f'\n[metrics]\nlisten = "127.0.0.1:{port}"\n')
@@ -265,9 +285,7 @@ def test_metrics_endpoint(tmp_path: Path, models: dict[str, FrozenModel]) -> Non
         (project.frozen / "broken.pb").write_bytes(b"\x0a\xff\xff")
         daemon.wait_for("build_finished", since=mark, where=lambda e: e["outcome"] == "published")
         # The supervisor counts a build just after it logged build_finished.
-        wait_until(
-            lambda: scrape(port)['tfmerge_builds_total{outcome="published"}'] == 2, timeout=30
-        )
+        wait_until(lambda: scrape(port)['tfmerge_builds_total{outcome="published"}'] == 2)
         values = scrape(port)
         assert values["tfmerge_published_version"] == 2
         assert values["tfmerge_signatures_served"] == 2

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tfmerge.daemon.debounce import Change, ChangeKind, Debouncer, Flush, StatKey
+from tfmerge.daemon.debounce import Change, ChangeKind, Debouncer, Flush, Held, StatKey
 from tfmerge.inputs import is_input_path
 
 QUIET = 2.0
@@ -48,6 +49,23 @@ class FakeFiles:
     def remove(self, path: str) -> None:
         self._files.pop(path, None)
 
+    def chmod(self, path: str) -> None:
+        """An attribute change: nothing stat's key holds changes."""
+
+
+class FakeKernel:
+    """Who has which file open for writing, as a read lease would tell; ``blind`` files are
+    ones the kernel cannot tell about (no lease there)."""
+
+    def __init__(self) -> None:
+        self.open: set[str] = set()
+        self.blind: set[str] = set()
+        self.asked: list[str] = []
+
+    def writing(self, path: str) -> bool | None:
+        self.asked.append(path)
+        return None if path in self.blind else path in self.open
+
 
 @dataclass
 class Harness:
@@ -58,14 +76,19 @@ class Harness:
     files: FakeFiles = field(default_factory=FakeFiles)
     now: float = 0.0
     flushes: list[tuple[float, Flush]] = field(default_factory=list)
+    #: With a kernel, the debouncer asks it whether a file is open for writing.
+    kernel: FakeKernel | None = None
+    #: The files open for writing at each flush.
+    open_at_flush: list[frozenset[str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.debouncer = Debouncer(self.quiet, self.max_wait)
+        writing = None if self.kernel is None else self.kernel.writing
+        self.debouncer = Debouncer(self.quiet, self.max_wait, writing=writing)
 
     def run_until(self, until: float) -> None:
         for _ in range(10_000):
             deadline = self.debouncer.next_deadline()
-            if deadline is None or deadline > until:
+            if deadline is None or deadline > until or deadline == math.inf:
                 self.now = max(self.now, until)
                 return
             self.poll_at(max(self.now, deadline))
@@ -80,6 +103,7 @@ class Harness:
         flush = self.debouncer.poll(when, self.files.stat)
         if flush is not None:
             self.flushes.append((when, flush))
+            self.open_at_flush.append(frozenset(self.kernel.open if self.kernel else ()))
         return flush
 
     def event(self, at: float, path: str, kind: ChangeKind) -> None:
@@ -97,14 +121,35 @@ class Harness:
 
     def scp(self, start: float, path: str, chunks: int, gap: float) -> float:
         """Chunked write in place then close; returns the time of the close."""
-        self.event(start, path, "created")
+        self.open_for_writing(start, path)
         at = start
         for _ in range(chunks):
             at += gap
             self.event(at, path, "modified")
         at += gap
-        self.event(at, path, "closed")
+        self.close(at, path)
         return at
+
+    def open_for_writing(self, at: float, path: str) -> None:
+        """A writer opens (creates) the file; inotify reports the creation only."""
+        self.run_until(at)
+        if self.kernel is not None:
+            self.kernel.open.add(path)
+        self.event(at, path, "created")
+
+    def close(self, at: float, path: str) -> None:
+        """The writer closes the file (or dies, and the kernel closes it)."""
+        self.run_until(at)
+        if self.kernel is not None:
+            self.kernel.open.discard(path)
+        self.event(at, path, "closed")
+
+    def chmod(self, at: float, path: str) -> None:
+        """An attribute change on the path (chmod, the times scp -O -p sets after the close):
+        watchdog reports it as a modification."""
+        self.run_until(at)
+        self.files.chmod(path)
+        self.debouncer.add(Change(path, "modified"), at)
 
 
 # --- which paths are inputs -------------------------------------------------------------
@@ -328,7 +373,7 @@ def test_writing_file_that_stat_finds_gone_counts_as_settled() -> None:
     h.event(0.0, "m.pb", "created")
     h.event(0.5, "m.pb", "modified")
     assert h.poll_at(1.0) is None
-    assert h.debouncer.next_deadline() == MAX_WAIT  # writing
+    assert h.debouncer.next_deadline() == QUIET  # writing: only the report of the hold is due
     h.files.remove("m.pb")  # its deleted event has not arrived yet
     assert h.poll_at(1.5) is None  # gone is a change: quiet restarts from here
     assert h.debouncer.next_deadline() == 3.5
@@ -408,16 +453,141 @@ def test_next_deadline_follows_the_batch() -> None:
     h.event(10.0, "a.pb", "created")
     assert h.debouncer.next_deadline() == 10.0  # baseline stat wanted now
     h.event(10.5, "a.pb", "modified")
-    assert h.debouncer.next_deadline() == 10.0 + MAX_WAIT  # writing: only max_wait can flush
-    h.event(11.0, "a.pb", "closed")
-    assert h.debouncer.next_deadline() == 11.0
-    h.run_until(11.0)
-    assert h.debouncer.next_deadline() == 11.0 + QUIET
-    assert h.poll_at(12.9) is None
-    assert h.debouncer.next_deadline() == 11.0 + QUIET
+    # Writing: only max_wait can flush; a quiet period in, the hold is reported.
+    assert h.debouncer.next_deadline() == 10.0 + QUIET
+    assert h.poll_at(11.5) is None
+    assert h.debouncer.take_held() == []
+    assert h.poll_at(10.0 + QUIET) is None
+    assert h.debouncer.take_held() == [Held("a.pb", 1, 10.0, None)]
+    assert h.debouncer.next_deadline() == 10.0 + MAX_WAIT
+    h.event(13.0, "a.pb", "closed")
+    assert h.debouncer.next_deadline() == 13.0
+    h.run_until(13.0)
+    assert h.debouncer.next_deadline() == 13.0 + QUIET
+    assert h.poll_at(14.9) is None
+    assert h.debouncer.next_deadline() == 13.0 + QUIET
     h.run_out()
     assert h.debouncer.next_deadline() is None
     assert not h.debouncer.pending
+    assert h.debouncer.take_held() == []  # once per file and batch
+
+
+# --- what the kernel says: is the file open for writing? ------------------------------
+
+
+def test_an_attribute_change_after_the_close_delays_by_one_quiet_period_with_the_kernel() -> None:
+    h = Harness(kernel=FakeKernel())
+    closed_at = h.scp(0.0, "m.pb", chunks=4, gap=0.25)
+    h.chmod(closed_at + 0.01, "m.pb")  # scp -O -p sets the times after its close
+    h.run_out()
+    assert h.flushes == [
+        (closed_at + 0.01 + QUIET, Flush(frozenset({"m.pb"}), "settled", 0.0, closed_at + 0.01))
+    ]
+
+
+def test_without_the_kernel_an_attribute_change_after_the_close_holds_until_max_wait() -> None:
+    h = Harness()
+    closed_at = h.scp(0.0, "m.pb", chunks=4, gap=0.25)
+    h.chmod(closed_at + 0.01, "m.pb")
+    h.run_out()
+    assert [(t, f.reason, f.still_writing) for t, f in h.flushes] == [
+        (MAX_WAIT, "max_wait", frozenset({"m.pb"}))
+    ]
+
+
+def test_a_kernel_that_cannot_tell_leaves_it_to_the_events() -> None:
+    kernel = FakeKernel()
+    kernel.blind.add("m.pb")  # NFS, or another user's file without CAP_LEASE
+    h = Harness(kernel=kernel)
+    closed_at = h.scp(0.0, "m.pb", chunks=4, gap=0.25)
+    h.chmod(closed_at + 0.01, "m.pb")
+    h.run_out()
+    assert [(t, f.reason, f.still_writing) for t, f in h.flushes] == [
+        (MAX_WAIT, "max_wait", frozenset({"m.pb"}))
+    ]
+
+
+def test_a_writer_that_has_not_written_yet_holds_its_batch() -> None:
+    """A created file whose writer stalls before its first write: no modify, no close."""
+    h = Harness(kernel=FakeKernel())
+    h.open_for_writing(0.0, "m.pb")
+    h.run_until(20.0)
+    assert h.flushes == []
+    h.close(25.0, "m.pb")
+    h.run_out()
+    assert h.flushes == [(27.0, Flush(frozenset({"m.pb"}), "settled", 0.0, 25.0))]
+
+
+def test_past_max_wait_the_rest_flushes_and_a_file_open_for_writing_stays_pending() -> None:
+    h = Harness(kernel=FakeKernel())
+    h.open_for_writing(0.0, "slow.pb")
+    h.event(1.0, "slow.pb", "modified")
+    h.event(2.0, "other.pb", "moved_in")  # slow.pb alone held the batch: other.pb's wait
+    h.run_until(2.0 + MAX_WAIT)
+    assert h.flushes == [
+        (
+            2.0 + MAX_WAIT,
+            Flush(
+                frozenset({"slow.pb", "other.pb"}),
+                "max_wait",
+                0.0,
+                2.0,
+                still_writing=frozenset({"slow.pb"}),
+                kept=frozenset({"slow.pb"}),
+            ),
+        )
+    ]
+    assert h.debouncer.pending
+    # Only a file open for writing is left: no build, no poll until an event.
+    assert h.debouncer.next_deadline() == math.inf
+    h.run_until(3 * MAX_WAIT)
+    assert len(h.flushes) == 1
+    h.close(100.0, "slow.pb")
+    h.run_out()
+    assert [(t, f.reason, f.paths, f.first_change) for t, f in h.flushes[1:]] == [
+        (102.0, "settled", frozenset({"slow.pb"}), 0.0)  # its batch began with its upload
+    ]
+
+
+def test_the_kernel_is_asked_only_when_its_answer_matters() -> None:
+    kernel = FakeKernel()
+    h = Harness(kernel=kernel)
+    closed_at = h.scp(0.0, "m.pb", chunks=1000, gap=0.001)
+    assert kernel.asked == []  # a stream of writes: the batch cannot settle, nothing to ask
+    h.run_out()
+    assert kernel.asked == ["m.pb"]  # once, when it could settle
+    assert h.flushes == [(closed_at + QUIET, Flush(frozenset({"m.pb"}), "settled", 0.0, closed_at))]
+
+
+def test_a_held_file_is_reported_once_with_its_size_so_far() -> None:
+    kernel = FakeKernel()
+    h = Harness(kernel=kernel)
+    h.open_for_writing(0.0, "slow.pb")
+    h.event(0.5, "done.pb", "moved_in")
+    for second in range(1, 8):
+        h.event(float(second), "slow.pb", "modified")  # one byte a second
+    # Seen a quiet period after its creation, before the write of that second.
+    assert h.debouncer.take_held() == [Held("slow.pb", 1, 0.0, open_for_writing=True)]
+    h.close(9.0, "slow.pb")
+    h.run_out()
+    assert h.debouncer.take_held() == []
+    assert [f.paths for _, f in h.flushes] == [frozenset({"slow.pb", "done.pb"})]
+
+
+def test_a_requeued_file_settles_again() -> None:
+    """The build found it not at rest: a writer came after the batch settled."""
+    kernel = FakeKernel()
+    h = Harness(kernel=kernel)
+    h.event(0.0, "m.pb", "moved_in")
+    h.run_until(QUIET)
+    assert len(h.flushes) == 1
+    kernel.open.add("m.pb")  # opened for writing, not written yet: no event
+    h.debouncer.requeue(["m.pb"], 10.0)
+    h.run_until(60.0)
+    assert len(h.flushes) == 1
+    h.close(61.0, "m.pb")
+    h.run_out()
+    assert [(t, f.paths) for t, f in h.flushes[1:]] == [(63.0, frozenset({"m.pb"}))]
 
 
 # --- properties -------------------------------------------------------------------------
@@ -566,3 +736,105 @@ def test_properties_of_any_event_sequence(
     assert sorted(i for b in flushed_batches for i in b.events) == relevant_events
     inputs = {path for path, relevant in PATHS if relevant}
     assert all(flush.paths <= inputs for _, flush in h.flushes)
+
+
+@dataclass(frozen=True)
+class Writer:
+    """A writer opens the file (``created``) or closes it (``closed``)."""
+
+    dt: float
+    path: str
+    opens: bool
+
+
+@dataclass(frozen=True)
+class Chmod:
+    dt: float
+    path: str
+
+
+KernelStep = Event | SilentWrite | EarlyPoll | Writer | Chmod
+input_paths = st.sampled_from([p for p, relevant in PATHS if relevant])
+kernel_steps: st.SearchStrategy[KernelStep] = st.one_of(
+    steps,
+    st.builds(Writer, times, input_paths, st.booleans()),
+    st.builds(Chmod, times, input_paths),
+)
+
+
+def play(h: Harness, kernel: FakeKernel, step: KernelStep) -> str | None:
+    """Play one step; the path of the event it sent, if it sent one."""
+    match step:
+        case Event(dt, path, _, kind):
+            h.event(h.now + dt, path, kind)
+            if kind in ("deleted", "moved_out", "moved_in"):
+                kernel.open.discard(path)  # the writer's file is no longer at this path
+            return path
+        case Writer(dt, path, opens=True):
+            h.open_for_writing(h.now + dt, path)
+            return path
+        case Writer(dt, path, opens=False):
+            if path not in kernel.open:
+                return None  # a close with no writer would be no event at all
+            h.close(h.now + dt, path)
+            return path
+        case Chmod(dt, path):
+            h.chmod(h.now + dt, path)
+            return path
+        case SilentWrite(dt, path):
+            h.run_until(h.now + dt)
+            h.files.write(path)
+        case EarlyPoll(fraction):
+            deadline = h.debouncer.next_deadline()
+            if deadline == math.inf:  # only files open for writing: nothing until an event
+                assert h.poll_at(h.now + fraction * 100.0) is None
+            elif deadline is not None and deadline > h.now:
+                assert h.poll_at(h.now + fraction * (deadline - h.now)) is None
+    return None
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(
+    quiet=st.sampled_from([0.0, 0.3, 2.0, 7.5]),
+    extra_wait=st.sampled_from([0.0, 1.0, 10.0, 30.0]),
+    script=st.lists(kernel_steps, max_size=60),
+)
+def test_properties_with_the_kernel_telling_writers(
+    quiet: float, extra_wait: float, script: list[KernelStep]
+) -> None:
+    max_wait = quiet + extra_wait
+    kernel = FakeKernel()
+    h = Harness(quiet=quiet, max_wait=max_wait, kernel=kernel)
+    last_event: dict[str, float] = {}
+    seen = 0
+
+    def check_new_flushes() -> None:
+        nonlocal seen
+        for (at, flush), open_then in zip(h.flushes[seen:], h.open_at_flush[seen:], strict=True):
+            open_now = open_then & flush.paths
+            if flush.reason == "settled":
+                # Never built while a writer has it open, whatever the events said.
+                assert not open_now
+                assert at >= flush.last_change + quiet
+            else:
+                assert at >= flush.first_change + max_wait
+                assert flush.kept == open_now
+                assert flush.kept <= flush.still_writing
+                assert flush.paths - flush.kept, "a max_wait flush of files open for writing only"
+        seen = len(h.flushes)
+
+    for step in script:
+        path = play(h, kernel, step)
+        if path is not None and is_input_path(path):
+            last_event[path] = h.now
+        check_new_flushes()
+        assert h.debouncer.pending == (h.debouncer.next_deadline() is not None)
+
+    for path in sorted(kernel.open):
+        h.close(h.now + 1.0, path)
+    h.run_out()
+    check_new_flushes()
+    assert not h.debouncer.pending
+    # Every change is built: a flush at or after the last change of each path holds it.
+    for path, at in last_event.items():
+        assert any(path in f.paths and t >= at for t, f in h.flushes), path

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 import graphgen
+from daemonlib import PATIENCE
 from graphgen import FrozenModel
+from servinglib import assert_close
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,7 +62,7 @@ def test_dense_computes_a_softmax_classifier_from_its_constants(tmp_path: Path) 
     assert w2.shape == (6, 3)
     logits = np.maximum(x @ w1 + b1, 0) @ w2 + b2
     expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    np.testing.assert_allclose(result["probs"], expected, rtol=1e-5)
+    assert_close(result["probs"], expected)
     assert result["classes"].dtype == np.int64
     np.testing.assert_array_equal(result["classes"], expected.argmax(axis=1))
     assert set(_ops(model.path).values()).isdisjoint({"VarHandleOp", "VariableV2"})
@@ -121,7 +123,7 @@ def test_table_model_looks_words_up_once_initialized(tmp_path: Path) -> None:
     assert result["ids"].dtype == np.int64
     assert result["tokens_upper"].tolist() == [b"BLUE", b"MAUVE", b"RED", b"GREEN"]
     row_scores = _const(model.path, "row_scores")
-    np.testing.assert_allclose(result["scores"], np.asarray(weights) * row_scores[[3, 0, 1, 2]])
+    assert_close(result["scores"], np.float32(weights) * row_scores[[3, 0, 1, 2]])
     assert set(model.outputs) == {"ids", "scores", "tokens_upper"}
     assert set(model.inputs) == {"words", "weights"}
 
@@ -143,6 +145,47 @@ def test_table_model_is_reproducible_and_names_its_table_by_contents(tmp_path: P
 def test_table_model_refuses_a_repeated_word(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="repeats"):
         graphgen.write_table_model(tmp_path / "t.pb", vocab=("a", "b", "a"))
+
+
+# --- TF1 classifier --------------------------------------------------------------------
+
+
+def test_tf1_classifier_has_the_shape_of_a_tf1_frozen_graph(tmp_path: Path) -> None:
+    model = graphgen.write_tf1_classifier(tmp_path / "classifier.pb")
+    again = graphgen.write_tf1_classifier(tmp_path / "again.pb")
+
+    graph_def = graphgen.load_graph_def(model.path)
+    assert model.path.read_bytes() == again.path.read_bytes()
+    assert set(_ops(model.path).values()) == {
+        *("Placeholder", "Const", "Identity", "MatMul", "BiasAdd", "Relu"),
+        *("Softmax", "TopKV2", "Squeeze"),
+    }
+    assert not graph_def.HasField("versions")
+    functions = {f.signature.name for f in graph_def.library.function}
+    assert len(functions) == 2
+    called = {node.op for node in graph_def.node}
+    called |= {n.op for f in graph_def.library.function for n in f.node_def}
+    assert functions.isdisjoint(called), "the library's functions must be unreachable"
+
+
+def test_tf1_classifier_answers_with_its_top_class(tmp_path: Path) -> None:
+    model = graphgen.write_tf1_classifier(tmp_path / "classifier.pb", seed=5, in_dim=12)
+    graph = {n.name: n for n in graphgen.load_graph_def(model.path).node}
+
+    result = _run_sample(model)
+
+    def const(name: str) -> np.ndarray:
+        return _const(model.path, f"{graphgen.CLASSIFIER_SCOPE}/{name}")
+
+    assert "_class" in graph[f"{graphgen.CLASSIFIER_SCOPE}/logits/weights/read"].attr
+    x = np.asarray(model.sample["inputs"], dtype=np.float32)
+    hidden = np.maximum(x @ const("fully_connected/weights") + const("fully_connected/biases"), 0)
+    logits = hidden @ const("logits/weights") + const("logits/biases")
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    assert result["classes"].dtype == np.int32
+    assert result["classes"].shape == (3,)
+    assert_close(result["probs"], probs.max(axis=1))
+    assert_close(result["classes"], probs.argmax(axis=1).astype(np.int32))
 
 
 # --- graphs the op policy refuses ----------------------------------------------------
@@ -223,11 +266,6 @@ def test_big_dense_streamed_file_is_the_graphs_own_serialization(tmp_path: Path)
 # --- TF2 control flow (children processes) -------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tf2_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[FrozenModel, FrozenModel]:
-    return graphgen.tf2_pair(tmp_path_factory.mktemp("tf2"))
-
-
 def _tf2_reference(x: np.ndarray, variant: int) -> tuple[np.ndarray, np.ndarray]:
     # The same arithmetic as the frozen graph, written out in numpy.
     shift = np.random.default_rng(variant).standard_normal(4).astype(np.float32)
@@ -240,9 +278,9 @@ def _tf2_reference(x: np.ndarray, variant: int) -> tuple[np.ndarray, np.ndarray]
 
 @pytest.mark.slow
 def test_tf2_pair_defines_the_same_function_names_with_different_bodies(
-    tf2_models: tuple[FrozenModel, FrozenModel],
+    tf2_pair: tuple[FrozenModel, FrozenModel],
 ) -> None:
-    first, second = tf2_models
+    first, second = tf2_pair
 
     conflicts = graphgen.function_conflicts(first.path, second.path)
 
@@ -255,11 +293,11 @@ def test_tf2_pair_defines_the_same_function_names_with_different_bodies(
 
 @pytest.mark.slow
 def test_tf2_pair_cannot_be_imported_naively_into_one_graph(
-    tf2_models: tuple[FrozenModel, FrozenModel],
+    tf2_pair: tuple[FrozenModel, FrozenModel],
 ) -> None:
     import tensorflow as tf
 
-    first, second = tf2_models
+    first, second = tf2_pair
     with tf.Graph().as_default():
         tf.graph_util.import_graph_def(graphgen.load_graph_def(first.path), name="first")
         with pytest.raises(ValueError, match=r"Cannot add function .* different function"):
@@ -268,23 +306,23 @@ def test_tf2_pair_cannot_be_imported_naively_into_one_graph(
 
 @pytest.mark.slow
 def test_tf2_pair_graphs_compute_their_variant(
-    tf2_models: tuple[FrozenModel, FrozenModel],
+    tf2_pair: tuple[FrozenModel, FrozenModel],
 ) -> None:
-    for variant, model in enumerate(tf2_models):
+    for variant, model in enumerate(tf2_pair):
         result = _run_sample(model)
 
         y, row_sum = _tf2_reference(np.asarray(model.sample["x"]), variant)
-        np.testing.assert_allclose(result["y"], y, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(result["row_sum"], row_sum, rtol=1e-5, atol=1e-6)
+        assert_close(result["y"], y, "y")
+        assert_close(result["row_sum"], row_sum, "row_sum")
 
 
 @pytest.mark.slow
 def test_tf2_graph_is_reproducible_in_a_fresh_process(
-    tf2_models: tuple[FrozenModel, FrozenModel], tmp_path: Path
+    tf2_pair: tuple[FrozenModel, FrozenModel], tmp_path: Path
 ) -> None:
     again = graphgen.write_tf2_control_flow(tmp_path / "again.pb", variant=0)
 
-    assert again.path.read_bytes() == tf2_models[0].path.read_bytes()
+    assert again.path.read_bytes() == tf2_pair[0].path.read_bytes()
 
 
 def test_tf2_writer_refuses_a_negative_variant(tmp_path: Path) -> None:
@@ -303,7 +341,7 @@ def test_demo_model_script_rewrites_the_shipped_files(tmp_path: Path) -> None:
         [sys.executable, str(REPO / "scripts" / "make_demo_model.py"), str(out)],
         check=True,
         capture_output=True,
-        timeout=180,
+        timeout=PATIENCE,
     )
 
     assert out.read_bytes() == (REPO / "frozen" / "demo.pb").read_bytes()

@@ -21,6 +21,7 @@ from tfmerge.config import Config
 from tfmerge.config import load as load_config
 
 import graphgen
+from graphgen import FrozenModel
 from grpcserving import (
     PredictionService,
     RestServer,
@@ -40,13 +41,15 @@ ALL_WAITS = [0.5, 1.0, 2.0, 4.0][: ATTEMPTS - 1]
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
+def project(
+    tmp_path_factory: pytest.TempPathFactory, tf2_pair: tuple[FrozenModel, FrozenModel]
+) -> Project:
     """One published version: a dense graph behind two signatures, a table with string
     input and output, and a TF2 graph of functions."""
     root = tmp_path_factory.mktemp("smoke")
     dense = graphgen.write_dense(root / "dense.pb", seed=0)
     table = graphgen.write_table_model(root / "table.pb")
-    flow = graphgen.write_tf2_control_flow(root / "flow.pb", variant=0)
+    flow = tf2_pair[0]
     project = Project(root / "project")
     for model, name in ((dense, "dense.pb"), (table, "table.pb"), (flow, "flow.pb")):
         project.add(model, name)
@@ -66,12 +69,13 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
     return project
 
 
-def configured(project: Project, **serving: str) -> Config:
-    """The project's config with a [serving] table, loaded from the file as the command does."""
+def configured(project: Project, tables: str = "", **serving: str) -> Config:
+    """The project's config with a [serving] table and any further tables, loaded from the
+    file as the command does."""
     base = project.config.read_text().split("\n[serving]\n")[0]
     settings = {"model_name": MODEL_NAME, **serving}
     table = "".join(f'{key} = "{value}"\n' for key, value in settings.items())
-    project.config.write_text(f"{base}\n[serving]\n{table}")
+    project.config.write_text(f"{base}\n[serving]\n{table}{tables}")
     return load_config(project.config)
 
 
@@ -121,6 +125,11 @@ def test_every_signature_answers_over_grpc_as_its_source(
     passed = named(events, "smoke_passed")
     assert [e["signature"] for e in passed] == SIGNATURES
     assert all(e["version"] == 1 and e["via"] == "grpc" and e["seconds"] >= 0 for e in passed)
+    # The front end loads the version with TensorFlow's defaults, as the server does, so floats
+    # may differ from the unoptimised source's in the last bits, never by more than the contract.
+    for event in passed:
+        assert 0.0 <= event["max_abs_diff"] <= 1e-3, event
+        assert event["max_rel_diff"] >= 0.0, event
     assert finished(events) == {
         "event": "smoke_finished",
         "log_level": "info",
@@ -168,9 +177,12 @@ def test_a_wrong_answer_fails_its_signature_and_names_the_output(
     assert failure["signature"] == "dense"
     assert failure["version"] == 1
     assert failure["via"] == "grpc"
-    assert (
-        failure["reason"] == "output 'probs': values differ from the source (max abs difference 1)"
+    assert failure["reason"].startswith(
+        "output 'probs': 8 of 8 values differ from the source by more than rtol 0.001, atol 0.001"
+        " (max abs difference 1, max rel difference "
     )
+    assert failure["max_abs_diff"] == pytest.approx(1.0, abs=1e-6)
+    assert failure["max_rel_diff"] > 1.0
     # The same graph behind another signature answers correctly: only `dense` is wrong.
     assert [e["signature"] for e in named(events, "smoke_passed")] == [
         "dense_probs",
@@ -179,6 +191,39 @@ def test_a_wrong_answer_fails_its_signature_and_names_the_output(
     ]
     assert finished(events)["failed"] == ["dense"]
     assert waits == []
+
+
+class NearlyDense(PredictionService):  # type: ignore[misc]
+    """A server whose `dense` probabilities are a few ulps off, as another kernel path gives."""
+
+    def answer(
+        self, version: int, signature: str, feeds: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        outputs = super().answer(version, signature, feeds)
+        if signature == "dense":
+            outputs["probs"] = outputs["probs"] * np.float32(1 + 2e-6)
+        return outputs
+
+
+def test_floats_a_few_ulps_off_pass_within_the_configured_tolerance(
+    project: Project, served: ServedModel
+) -> None:
+    with grpc_server(NearlyDense(served)) as target:
+        code, events, _ = run_smoke(configured(project), target=target)
+        assert code == exitcodes.OK, events
+        passed = {e["signature"]: e for e in named(events, "smoke_passed")}
+        assert 0 < passed["dense"]["max_abs_diff"] < 2e-6
+        assert passed["dense"]["max_rel_diff"] == pytest.approx(2e-6, rel=0.1)
+
+        exact = "[smoke.tolerance]\nfloat32 = { rtol = 0, atol = 0 }\n"
+        code, events, _ = run_smoke(configured(project, exact), target=target)
+
+    assert code == exitcodes.FAILED
+    # Only `dense` is sure to fail: the other float outputs may or may not come out bit for bit
+    # equal on this CPU.
+    failure = {e["signature"]: e for e in named(events, "smoke_failed")}["dense"]
+    assert "by more than rtol 0, atol 0" in failure["reason"]
+    assert failure["max_rel_diff"] == pytest.approx(2e-6, rel=0.1)
 
 
 def test_server_down_fails_every_signature_and_waits_only_once(project: Project) -> None:

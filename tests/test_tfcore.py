@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+from daemonlib import PATIENCE
+
 _PROBE = textwrap.dedent(
     """
     import json, sys
@@ -44,7 +46,11 @@ _PROBE = textwrap.dedent(
 
 def test_a_build_process_runs_graphs_without_tensorflows_python_runtime() -> None:
     done = subprocess.run(
-        [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-c", _PROBE],
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -11,11 +12,12 @@ from hypothesis import strategies as st
 
 from tfmerge import config as config_module
 from tfmerge import specs
+from tfmerge.build import devices, scopes
 from tfmerge.build.bundle import Entry
-from tfmerge.build.merge import scope_for
 from tfmerge.build.variables import Variables, restore_groups
 from tfmerge.config import ConfigError
 from tfmerge.folders import publish
+from tfmerge.tolerance import DEFAULT_TOLERANCES, Tolerance
 
 _VALID_NODE_NAME = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\-/]*$")
 
@@ -36,6 +38,14 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
     assert loaded.serving_dir == (tmp_path / "serving").resolve()
     assert loaded.keep_versions == 5
     assert loaded.watch.quiet_seconds == 2.0
+
+
+def test_keys_left_out_take_the_settings_defaults(tmp_path: Path) -> None:
+    path = write_config(tmp_path, BASE)
+    loaded = config_module.load(path)
+    folders = {"frozen_dir": loaded.frozen_dir, "serving_dir": loaded.serving_dir}
+    expected = config_module.Config(path=path, state_dir=loaded.state_dir, **folders)
+    assert loaded == expected
 
 
 def test_tensor_names_default_to_output_zero(tmp_path: Path) -> None:
@@ -72,12 +82,60 @@ def test_tensor_names_default_to_output_zero(tmp_path: Path) -> None:
             "signature 'a' is already declared by models[0]",
         ),
         ("[worker]\ntimeout_seconds = 0\n", "worker.timeout_seconds: expected a number >= 1.0"),
+        ('keep_devices = "yes"\n', "keep_devices: expected true or false"),
+        (
+            (
+                '[[models]]\nsignature = "a"\nfrozen = "a.pb"\ninputs = { x = "x:0" }\n'
+                'outputs = { y = "y:0" }\nkeep_devices = 1\n'
+            ),
+            "models[0].keep_devices: expected true or false",
+        ),
+        ("[smoke]\ntolerance = 0.1\n", "smoke.tolerance: expected a table, got 0.1"),
     ],
 )
 def test_config_problems_name_the_key(tmp_path: Path, extra: str, expected: str) -> None:
     with pytest.raises(ConfigError) as caught:
         config_module.load(write_config(tmp_path, BASE + extra))
     assert any(expected in str(p) for p in caught.value.problems), caught.value.problems
+
+
+def test_smoke_tolerances_default_to_the_numeric_contract_and_can_be_set_per_dtype(
+    tmp_path: Path,
+) -> None:
+    assert config_module.load(write_config(tmp_path, BASE)).smoke.tolerances == dict(
+        DEFAULT_TOLERANCES
+    )
+    text = BASE + "[smoke.tolerance]\nfloat32 = { rtol = 0.01 }\nfloat64 = { rtol = 0, atol = 0 }\n"
+    tolerances = config_module.load(write_config(tmp_path, text)).smoke.tolerances
+    assert tolerances == {
+        **DEFAULT_TOLERANCES,
+        "float32": Tolerance(rtol=0.01, atol=DEFAULT_TOLERANCES["float32"].atol),
+        "float64": Tolerance(rtol=0.0, atol=0.0),
+    }
+
+
+@pytest.mark.parametrize("shipped", ["config/tfmerge.toml", "config/etc/tfmerge.toml"])
+def test_the_shipped_configs_state_the_default_tolerances(shipped: str) -> None:
+    loaded = config_module.load(Path(__file__).resolve().parent.parent / shipped)
+    assert loaded.smoke.tolerances == dict(DEFAULT_TOLERANCES)
+
+
+def test_every_smoke_tolerance_problem_is_reported_at_once(tmp_path: Path) -> None:
+    text = BASE + (
+        "[smoke.tolerance]\n"
+        'float16 = { rtol = -1, atol = "x", tol = 2 }\n'
+        "int32 = { rtol = 0 }\n"
+        "bfloat16 = 0.1\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        config_module.load(write_config(tmp_path, text))
+    assert sorted(map(str, caught.value.problems)) == [
+        "smoke.tolerance.bfloat16: expected a table, got 0.1",
+        "smoke.tolerance.float16.atol: expected a number, got 'x'",
+        "smoke.tolerance.float16.rtol: expected a number >= 0.0, got -1",
+        "smoke.tolerance.float16.tol: unknown key (expected one of rtol, atol)",
+        "smoke.tolerance.int32: unknown key (expected one of float16, bfloat16, float32, float64)",
+    ]
 
 
 def test_unreadable_and_invalid_toml(tmp_path: Path) -> None:
@@ -114,6 +172,65 @@ def test_discovery_skips_leftovers_and_declared_files(tmp_path: Path) -> None:
     assert not result.rejections
 
 
+def test_keep_devices_is_global_and_a_declaration_overrides_it(tmp_path: Path) -> None:
+    frozen = tmp_path / "frozen"
+    frozen.mkdir(parents=True)
+    for name in ("kept.pb", "cleared.pb", "found.pb"):
+        (frozen / name).write_bytes(b"\x01")
+    (frozen / "cleared.toml").write_text(
+        '[[models]]\nsignature = "cleared"\ninputs = { x = "x:0" }\noutputs = { y = "y:0" }\n'
+        "keep_devices = false\n"
+    )
+    declared = '[[models]]\nsignature = "kept"\nfrozen = "kept.pb"\ninputs = { x = "x:0" }\noutputs = { y = "y:0" }\n'
+    by_default = {s.signature: s.keep_devices for s in resolved(tmp_path, declared).specs}
+    assert by_default == {"cleared": False, "found": False, "kept": False}
+    kept = {s.signature: s for s in resolved(tmp_path, "keep_devices = true\n" + declared).specs}
+    assert {name: spec.keep_devices for name, spec in kept.items()} == {
+        "cleared": False,
+        "found": True,
+        "kept": True,
+    }
+    # A version built with other pins is another version.
+    assert specs.spec_key(kept["kept"]) != specs.spec_key(
+        dataclasses.replace(kept["kept"], keep_devices=False)
+    )
+
+
+@pytest.mark.parametrize(
+    ("message", "code", "words"),
+    [
+        (
+            (
+                "No OpKernel was registered to support Op 'CudnnRNNV3' used by {{node c}} with "
+                "these attrs: [T=DT_FLOAT]\nRegistered devices: [CPU]\nRegistered kernels:\n"
+                "  device='GPU'; T in [DT_FLOAT]"
+            ),
+            "no_kernel",
+            ["CudnnRNNV3", "(CPU)", "GPU"],
+        ),
+        (
+            (
+                "Cannot assign a device for operation StringLower: {{node StringLower}} was "
+                "explicitly assigned to /device:GPU:0 but available devices are [ "
+                "/job:localhost/replica:0/task:0/device:CPU:0 ]."
+            ),
+            "device_unavailable",
+            ["StringLower", "/device:GPU:0", "keep_devices"],
+        ),
+        ("indices[0] = 9 is not in [0, 5)", "source_failed", ["not in [0, 5)", "sample"]),
+    ],
+)
+def test_a_failing_source_says_what_would_make_it_run(
+    message: str, code: str, words: list[str]
+) -> None:
+    refusal = devices.source_failure(ValueError(message))
+    assert refusal.code == code
+    for word in words:
+        assert word in refusal.reason
+    if code != "source_failed":
+        assert "sample" not in refusal.reason
+
+
 def test_sidecar_declares_only_its_own_graph(tmp_path: Path) -> None:
     frozen = tmp_path / "frozen"
     frozen.mkdir(parents=True)
@@ -144,46 +261,76 @@ def test_paths_that_leave_frozen_dir_are_refused(tmp_path: Path) -> None:
     (frozen / "loop.pb").symlink_to(frozen / "loop.pb")
     assert specs.check_path(frozen, "../secret.pb").code == "path_escapes"  # type: ignore[union-attr]
     assert specs.check_path(frozen, "link.pb").code == "path_escapes"  # type: ignore[union-attr]
-    assert specs.check_path(frozen, "loop.pb").code == "unreadable"  # type: ignore[union-attr]
+    # A link is never followed, not even to find out that it loops.
+    assert specs.check_path(frozen, "loop.pb").code == "not_a_file"  # type: ignore[union-attr]
     assert specs.check_path(frozen, "gone.pb").code == "missing_file"  # type: ignore[union-attr]
 
 
-@given(st.text(min_size=1, max_size=40))
-def test_scope_names_are_valid_node_names(signature: str) -> None:
-    scope = scope_for(signature)
-    assert _VALID_NODE_NAME.match(scope), scope
-
-
-@given(st.text(min_size=1, max_size=20), st.text(min_size=1, max_size=20))
-def test_different_signatures_never_share_a_scope(first: str, second: str) -> None:
-    if first != second:
-        assert scope_for(first) != scope_for(second)
+@given(st.sets(st.text(min_size=1, max_size=30), min_size=1, max_size=6))
+def test_scopes_are_valid_distinct_and_never_tfmerge_s_own(signatures: set[str]) -> None:
+    assigned = scopes.assign(signatures)
+    assert set(assigned) == signatures
+    assert len(set(assigned.values())) == len(signatures)
+    for scope in assigned.values():
+        assert _VALID_NODE_NAME.match(scope), scope
+        assert scope not in scopes.RESERVED
 
 
 def test_readable_signatures_keep_their_name() -> None:
-    assert scope_for("hyaudio_1") == "hyaudio_1"
-    assert scope_for("my model (v2)").startswith("my_model__v2__")
+    assigned = scopes.assign(["hyaudio_1", "my model (v2)"])
+    assert assigned["hyaudio_1"] == "hyaudio_1"
+    assert assigned["my model (v2)"].startswith("my_model__v2__")
+
+
+def test_a_signature_named_like_another_s_scope_gets_a_scope_of_its_own() -> None:
+    alone = scopes.assign(["a b"])["a b"]
+    assert alone == "a_b_c8687a08"
+    together = scopes.assign(["a b", alone])
+    assert together[alone] == alone
+    assert together["a b"] != alone
+    assert together["a b"].startswith("a_b_c8687a08")
+
+
+def test_tfmerge_s_own_names_are_never_an_input_s_scope() -> None:
+    assigned = scopes.assign(["tfmerge_save", "tfmerge_main_op"])
+    assert assigned["tfmerge_save"] != "tfmerge_save"
+    assert assigned["tfmerge_main_op"] != "tfmerge_main_op"
 
 
 def test_only_integer_named_directories_are_versions(tmp_path: Path) -> None:
-    for name in ("1", "0002", "10", ".staging-x", "current_version", "3a", "-4"):
+    for name in ("1", "0002", "10", ".staging-x", "current_version", "3a", "-4", " 12 "):
         (tmp_path / name).mkdir()
     (tmp_path / "7").write_text("a file, not a version")
     assert publish.versions(tmp_path) == {
         1: tmp_path / "1",
         2: tmp_path / "0002",
         10: tmp_path / "10",
+        12: tmp_path / " 12 ",
     }
-    assert publish.next_version(tmp_path) == 11
+    assert publish.next_version(tmp_path) == 13
     assert publish.next_version(tmp_path, high_water=40) == 41
 
 
+def test_the_server_takes_any_name_that_parses_as_an_int64_for_a_version(tmp_path: Path) -> None:
+    # absl::SimpleAtoi, as TensorFlow Serving parses a child's name, file or folder alike.
+    cases = {"7": 7, "0007": 7, "+7": 7, " 7\t": 7, "-7": -7, "7a": None, "0x7": None, "": None}
+    cases |= {str(2**63 - 1): 2**63 - 1, str(2**63): None, "\u0667": None}
+    for name, number in cases.items():
+        assert publish.server_version(name) == number, name
+
+
 def test_stale_staging_is_removed_and_nothing_else(tmp_path: Path) -> None:
-    (tmp_path / ".staging-abc" / "variables").mkdir(parents=True)
-    (tmp_path / "1").mkdir()
-    (tmp_path / "notes").mkdir()
-    assert publish.remove_stale_staging(tmp_path) == [".staging-abc"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "notes"]
+    serving, state = tmp_path / "serving", tmp_path / "state"
+    (serving / ".staging-abc" / "variables").mkdir(parents=True)
+    (serving / "1").mkdir()
+    (serving / "notes").mkdir()
+    running = publish.Staging.create(serving, state, "running")
+    try:
+        assert publish.remove_stale_staging(serving, state) == [".staging-abc"]
+        assert sorted(p.name for p in serving.iterdir()) == [".staging-running", "1", "notes"]
+    finally:
+        running.close()
+    assert sorted(p.name for p in serving.iterdir()) == ["1", "notes"]
 
 
 def test_prune_keeps_at_least_two(tmp_path: Path) -> None:

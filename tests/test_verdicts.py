@@ -1,5 +1,5 @@
-"""Reused checks: a verdict serves only the very bytes, declaration, settings and TensorFlow it
-was found for.
+"""Reused checks: a verdict serves only the very bytes, declaration, limits, settings and
+TensorFlow it was found for.
 
 Each test builds two models, then replaces the stored verdict of model ``a`` with model
 ``b``'s (same interface, other weights: other outputs) and builds again. A verdict reused
@@ -25,7 +25,7 @@ from tfmerge.folders.packs import Packs, Record
 import graphgen
 from graphgen import FrozenModel
 from projectlib import Project, model_entry, named, one
-from servinglib import assert_same_outputs, highest, manifest, run_signatures
+from servinglib import assert_outputs_match, highest, manifest, run_signatures
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -52,7 +52,7 @@ def _entries(models: dict[str, FrozenModel], **a_changes: Any) -> list[dict[str,
 
 def _swap_in_b_for_a(project: Project) -> None:
     """Model a's verdict now holds model b's findings, under a's key."""
-    packs = Packs(project.state / "verdicts")
+    packs = Packs(project.state / "checks")
     records = packs.records()
     by_input = {r.input_sha256: r for r in records.values()}
     a = by_input[_sha256(project.frozen / "a.pb")]
@@ -122,6 +122,9 @@ _CHANGES: dict[str, tuple[Callable[[Project, dict[str, FrozenModel]], dict[str, 
     "inputs": (_rename_an_input, 1),
     "sample": (_another_sample, 1),
     "allow_ops": (lambda project, models: {"allow_ops": ["ReadFile"]}, 0),
+    # A pass under larger limits says nothing about smaller ones.
+    "limits": (lambda p, m: {"entries": _entries(m, limits={"memory_bytes": 2**30})}, 1),
+    "check": (lambda project, models: {"check": {"seconds": 100.0}}, 0),
     "max_model_bytes": (lambda project, models: {"max_model_bytes": 10 * 2**20}, 0),
 }
 
@@ -166,7 +169,7 @@ def test_a_damaged_verdict_is_a_full_check(
 ) -> None:
     project = Project(tmp_path)
     _first_build(project, models, capsys)
-    (pack,) = (project.state / "verdicts").glob("*.pack")
+    (pack,) = (project.state / "checks").glob("*.pack")
     data = bytearray(pack.read_bytes())
     # One byte of the first record's body, whichever model it is.
     data[data.index(b"\t") + 10] ^= 0x01
@@ -194,7 +197,7 @@ def test_the_verdicts_of_inputs_no_version_uses_are_removed_with_their_blobs(
     project.configure(entries, keep_versions=2)
     assert project.cli(capsys, "build")[0] == exitcodes.OK
     a_sha = _sha256(project.frozen / "a.pb")
-    inputs = {r.input_sha256 for r in Packs(project.state / "verdicts").records().values()}
+    inputs = {r.input_sha256 for r in Packs(project.state / "checks").records().values()}
     assert a_sha in inputs
 
     # Two more versions without a: version 1, the last to use its input, is pruned.
@@ -206,10 +209,10 @@ def test_the_verdicts_of_inputs_no_version_uses_are_removed_with_their_blobs(
     assert project.cli(capsys, "build")[0] == exitcodes.OK
 
     assert not list((project.state / "blobs").glob(f"{a_sha}*"))
-    inputs = {r.input_sha256 for r in Packs(project.state / "verdicts").records().values()}
+    inputs = {r.input_sha256 for r in Packs(project.state / "checks").records().values()}
     assert a_sha not in inputs
     assert _sha256(project.frozen / "b.pb") in inputs
-    assert len(list((project.state / "verdicts").glob("*.pack"))) == 1
+    assert len(list((project.state / "checks").glob("*.pack"))) == 1
 
 
 def _assert_a_is_its_source(project: Project, version: Path, sample: Any) -> None:
@@ -218,4 +221,4 @@ def _assert_a_is_its_source(project: Project, version: Path, sample: Any) -> Non
     x = np.asarray(sample, np.float32)
     published = run_signatures(version, {"a": {next(iter(signature["inputs"])): x}})["a"]
     source = graphgen.run_frozen(project.frozen / "a.pb", {"x:0": x}, dict(signature["outputs"]))
-    assert_same_outputs(published, source)
+    assert_outputs_match(published, source)

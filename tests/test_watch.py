@@ -1,19 +1,29 @@
-"""The watchdog adapter on real inotify: uploads as scp, rsync and sftp make them."""
+"""The watchdog adapter on real inotify: uploads as scp, rsync and sftp make them, and the
+ways inotify goes deaf (a removed or replaced root, a folder moved in, a queue overflow)."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import queue
+import shutil
+import signal
+import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from watchdog.observers import inotify_c
 
+from tfmerge.daemon import overflow
 from tfmerge.daemon.debounce import Change
 from tfmerge.daemon.watch import FolderWatcher
 
-WAIT_SECONDS = 10.0
+# Only a missing event reaches this: inotify reports within milliseconds, even when busy.
+WAIT_SECONDS = 60.0
 BARRIER = "zz-barrier.pb"
 
 StartWatcher = Callable[..., "queue.Queue[Change]"]
@@ -267,3 +277,139 @@ def test_context_manager_stops_and_stop_is_idempotent(root: Path) -> None:
     watcher.stop()
     (root / "after.pb").write_bytes(b"graph")
     assert changes.empty()
+
+
+# --- where inotify goes deaf: the watcher says so -----------------------------------------------
+
+
+@pytest.fixture
+def watched(root: Path) -> Iterator[tuple[FolderWatcher, queue.Queue[Change]]]:
+    changes: queue.Queue[Change] = queue.Queue()
+    with FolderWatcher(root, changes.put) as watcher:
+        yield watcher, changes
+
+
+def problem_within(watcher: FolderWatcher) -> str:
+    """The watcher's problem, once the events that tell it have arrived."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while (problem := watcher.problem()) is None:
+        if time.monotonic() > deadline:
+            pytest.fail(f"no problem reported within {WAIT_SECONDS} s")
+        time.sleep(0.02)
+    return problem
+
+
+def test_a_healthy_watcher_reports_no_problem(
+    root: Path, watched: tuple[FolderWatcher, queue.Queue[Change]]
+) -> None:
+    watcher, changes = watched
+    (root / "team").mkdir()
+    (root / "team" / "m.pb").write_bytes(b"1")
+    (root / "team").rename(root / "team2")  # a rename inside the tree is followed
+    (root / "gone.pb").write_bytes(b"2")
+    (root / "gone.pb").unlink()
+    collect_until_barrier(changes, root)
+    assert watcher.problem() is None
+
+
+def test_frozen_dir_removed_and_made_again_is_a_problem_and_a_new_watcher_hears(
+    root: Path, watched: tuple[FolderWatcher, queue.Queue[Change]]
+) -> None:
+    watcher, _ = watched
+    (root / "old.pb").write_bytes(b"1")
+    shutil.rmtree(root)  # rm -rf frozen && mkdir frozen
+    root.mkdir()
+    assert problem_within(watcher) in {"frozen_dir was removed", "the watcher's thread ended"}
+    changes: queue.Queue[Change] = queue.Queue()
+    with FolderWatcher(root, changes.put) as again:
+        (root / "new.pb").write_bytes(b"2")
+        collect_until(changes, lambda got: Change("new.pb", "closed") in got)
+        assert again.problem() is None
+
+
+def test_frozen_dir_renamed_away_and_made_again_is_a_problem(
+    root: Path, watched: tuple[FolderWatcher, queue.Queue[Change]]
+) -> None:
+    watcher, _ = watched
+    root.rename(root.with_name("frozen.old"))  # inotify follows the old folder
+    root.mkdir()
+    assert watcher.problem() == "frozen_dir was replaced by another folder"
+
+
+def test_a_folder_moved_into_the_tree_is_a_problem(
+    root: Path, outside: Path, watched: tuple[FolderWatcher, queue.Queue[Change]]
+) -> None:
+    watcher, _ = watched
+    (outside / "pack").mkdir()
+    (outside / "pack").rename(root / "pack")  # gets no watch of its own from watchdog
+    assert problem_within(watcher) == "a folder was moved into or out of frozen_dir"
+
+
+def test_watchdog_still_parses_events_where_the_overflow_counter_hooks_in(
+    watched: tuple[FolderWatcher, queue.Queue[Change]],
+) -> None:
+    """watchdog drops IN_Q_OVERFLOW; tfmerge.daemon.overflow counts it in watchdog's parser.
+    A watchdog that parses elsewhere, or stops dropping the record, must fail here."""
+    watcher, _ = watched
+    assert watcher.problem() is None
+    read_events = inspect.getsource(inotify_c.Inotify.read_events)
+    assert "Inotify._parse_event_buffer(event_buffer)" in read_events
+    assert "if wd == -1:" in read_events
+    record = struct.pack("iIII", -1, inotify_c.InotifyConstants.IN_Q_OVERFLOW, 0, 0)
+    other = struct.pack("iIII", 1, inotify_c.InotifyConstants.IN_MODIFY, 0, 8) + b"a.pb\0\0\0\0"
+    before = overflow.count()
+    parsed = list(inotify_c.Inotify._parse_event_buffer(record + other))
+    assert parsed == [(-1, 0x4000, 0, b""), (1, 0x2, 0, b"a.pb")]
+    assert overflow.count() == before + 1
+    assert watcher.problem() == "the kernel's inotify event queue overflowed"
+
+
+_OVERFLOW_WATCHER = """
+import sys, time
+from pathlib import Path
+from tfmerge.daemon.watch import FolderWatcher
+with FolderWatcher(Path(sys.argv[1]), lambda change: None) as watcher:
+    print("watching", flush=True)
+    sys.stdin.readline()
+    deadline = time.monotonic() + 60
+    while watcher.problem() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print(watcher.problem(), flush=True)
+"""
+
+
+@pytest.mark.skipif(
+    int(Path("/proc/sys/fs/inotify/max_queued_events").read_text()) > 100_000,
+    reason="fs.inotify.max_queued_events is raised too far to overflow cheaply",
+)
+def test_a_real_inotify_queue_overflow_is_a_problem(root: Path) -> None:
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    watcher = subprocess.Popen(
+        [sys.executable, "-c", _OVERFLOW_WATCHER, str(root)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "daemon")},
+    )
+    try:
+        assert watcher.stdout is not None
+        assert watcher.stdin is not None
+        assert watcher.stdout.readline().strip() == "watching"
+        watcher.send_signal(signal.SIGSTOP)  # its reading thread stops: the queue fills
+        try:
+            # Three events a file (created, modified, closed): past the kernel's queue.
+            for number in range(limit // 3 + 500):
+                (root / f"f{number:05d}.pb").write_bytes(b"x")
+        finally:
+            watcher.send_signal(signal.SIGCONT)
+        watcher.stdin.write("go\n")
+        watcher.stdin.flush()
+        assert watcher.stdout.readline().strip() == "the kernel's inotify event queue overflowed"
+        assert watcher.wait(timeout=60) == 0
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+        watcher.wait()
+        for stream in (watcher.stdin, watcher.stdout):
+            if stream is not None:
+                stream.close()

@@ -64,6 +64,37 @@ def test_split_payloads_leaves_out_exactly_the_large_contents() -> None:
     assert len(stripped) < len(data) - 2 * LARGE
 
 
+def test_constants_in_function_bodies_are_split_off_under_their_function_key() -> None:
+    from tfmerge.build import lifting
+
+    graph_def, values = _graph()
+    inner = (np.arange(LARGE // 4 + 1) % 7).astype(np.float32)
+    function = graph_def.library.function.add()
+    function.signature.name = "loop_body"
+    const = function.node_def.add(name="while/Const", op="Const")
+    const.attr["dtype"].type = tf.float32.as_datatype_enum
+    const.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(inner))
+    small = function.node_def.add()
+    small.CopyFrom(const)
+    small.name = "while/small"
+    small.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.ones(3, np.float32)))
+    data = memoryview(graph_def.SerializeToString(deterministic=True))
+
+    stripped, payloads = wire.split_payloads(data, LARGE)
+
+    key = wire.function_key("loop_body", "while/Const")
+    assert {p.node for p in payloads} == {*values, key}
+    (found,) = [p for p in payloads if p.node == key]
+    assert data[found.start : found.stop] == inner.tobytes()
+    parsed = tf.compat.v1.GraphDef.FromString(bytes(stripped))
+    assert parsed.library.function[0].node_def[1] == small
+    # Put back, the graph is the file's again.
+    views = {p.node: data[p.start : p.stop] for p in payloads}
+    lifting.restore_function_payloads(parsed, views, {})
+    assert set(views) == set(values)
+    assert parsed == _without_contents(graph_def, set(values))
+
+
 def test_split_payloads_without_large_constants_returns_the_bytes_themselves() -> None:
     graph_def = tf.compat.v1.GraphDef()
     _const(graph_def, "small", np.arange(10, dtype=np.float32))

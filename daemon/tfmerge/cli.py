@@ -11,11 +11,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tfmerge import __version__, exitcodes, logs
+from tfmerge import __version__, exitcodes, logs, snapshot
 from tfmerge.config import Config, ConfigError
 from tfmerge.config import load as load_config
 from tfmerge.daemon import pipeline
 from tfmerge.folders import publish
+from tfmerge.folders.errors import config_folders, folder_failure
 from tfmerge.folders.state import Store
 from tfmerge.logs import get_logger
 
@@ -76,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Inputs are read under read leases, whose break would otherwise end this process.
+    snapshot.ignore_lease_breaks()
     args = _parser().parse_args(argv)
     if args.command == "inspect":
         logs.configure(fmt="auto", stream=sys.stderr)
@@ -97,7 +100,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rollback": lambda: _rollback(config, args.to),
         "smoke": lambda: _smoke(config, args),
     }
-    return commands[args.command]()
+    try:
+        return commands[args.command]()
+    except (OSError, publish.ForeignVersion) as exc:
+        return _folder_problem(exc, config)
+
+
+def _folder_problem(exc: OSError | publish.ForeignVersion, config: Config) -> int:
+    """One named event and an exit code for a folder only a person can put right."""
+    if isinstance(exc, publish.ForeignVersion):
+        get_logger().error(exc.event, reason=str(exc), **exc.fields())
+        return exitcodes.FAILED
+    failed = folder_failure(exc, config_folders(config))
+    if failed is None:
+        raise exc
+    get_logger().error(failed.event, **failed.fields())
+    return exitcodes.FOLDER
 
 
 def _run(config: Config) -> int:
@@ -122,7 +140,7 @@ def _check(config: Config) -> int:
 
 def _inspect(path: Path, *, as_json: bool) -> int:
     from tfmerge import oppolicy
-    from tfmerge.build import constants, reading, signatures
+    from tfmerge.build import constants, devices, lifting, reading, signatures, staticcheck
     from tfmerge.models import ModelRejected
 
     log = get_logger(file=str(path))
@@ -130,6 +148,10 @@ def _inspect(path: Path, *, as_json: bool) -> int:
         # The same reader as a build's, with no size limit: inspect is run on purpose.
         read = reading.read_graph(path, path.name, 1 << 62)
         graph_def = read.graph_def
+        # Before anything walks or imports the library: recursion would crash this command.
+        staticcheck.check_library(graph_def)
+        lifting.restore_function_payloads(graph_def, read.payloads, read.offsets)
+        pinned = devices.pinned_devices(graph_def)
         light, large = constants.split_large_constants(graph_def, read.payloads, read.offsets)
         graph = signatures.import_graph(light)
         inputs, outputs = signatures.infer_signature(graph, [c.name for c in large])
@@ -150,6 +172,8 @@ def _inspect(path: Path, *, as_json: bool) -> int:
         "placeholders": placeholders,
         "candidate_outputs": candidates,
         "initializers": signatures.initializer_nodes(graph_def),
+        # Device -> how many nodes (function bodies included) name it; cleared when merged.
+        "devices": pinned,
         "refused_ops": oppolicy.describe(violations) or None,
         "entry": _entry_toml(path, inputs, outputs),
     }
@@ -169,6 +193,11 @@ def _inspect(path: Path, *, as_json: bool) -> int:
         print(
             "table initializers (run when the merged model loads): "
             + ", ".join(report["initializers"])
+        )
+    if pinned:
+        print(
+            "device pins (cleared when merged; keep_devices = true keeps them): "
+            + ", ".join(f"{device} on {count} nodes" for device, count in pinned.items())
         )
     if report["refused_ops"]:
         print(f"refused by the default op policy: {report['refused_ops']}")

@@ -12,16 +12,23 @@ from contextlib import contextmanager
 from typing import Any, Literal, TextIO, cast
 
 import structlog
-from structlog.typing import FilteringBoundLogger
+from structlog.typing import FilteringBoundLogger, Processor
 
 LogFormat = Literal["auto", "json", "console"]
 Logger = FilteringBoundLogger
 
 
 def configure(
-    *, fmt: LogFormat = "auto", level: str = "info", stream: TextIO | None = None
+    *,
+    fmt: LogFormat = "auto",
+    level: str = "info",
+    stream: TextIO | None = None,
+    screen: Processor | None = None,
 ) -> None:
-    """Configure structlog for this process. Safe to call again (SIGHUP reload)."""
+    """Configure structlog for this process. Safe to call again (SIGHUP reload).
+
+    ``screen`` sees every event before it is written, and may drop it (structlog.DropEvent).
+    """
     out = stream if stream is not None else sys.stdout
     if fmt == "auto":
         fmt = "console" if out.isatty() else "json"
@@ -36,6 +43,7 @@ def configure(
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            *([screen] if screen is not None else []),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

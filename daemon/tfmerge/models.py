@@ -30,6 +30,8 @@ Origin = str
 #: What a build produced. "built": staging holds a verified version; "unchanged": equal to
 #: the newest version; "empty": no model was accepted; "failed": verification failed.
 BuildOutcome = Literal["built", "unchanged", "empty", "failed"]
+#: Refusals of a file that was not at rest when it was read: it is built again once it is.
+UNSETTLED_CODES = frozenset({"still_being_written", "changed_while_read"})
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,13 @@ class ModelSpec:
     outputs: Mapping[str, str] | None  # None: infer from the graph's sink tensors
     sample: Mapping[str, Any] | None = None
     origin: Origin = "config"
+    #: The digests the graph's bytes must have: (who declares it, sha256) pairs, from its
+    #: ``NAME.pb.sha256`` file and from a ``sha256`` key of its entry.
+    declared_sha256: tuple[tuple[str, str], ...] = ()
+    #: The entry's ``allow_interface_change``: a breaking change of its signature is accepted.
+    allow_interface_change: bool = False
+    #: Keep the graph's device pins (``keep_devices``) instead of clearing them.
+    keep_devices: bool = False
 
     @property
     def discovered(self) -> bool:
@@ -56,18 +65,33 @@ class Rejection:
     reason: str
     file: str | None = None
     signature: str | None = None
+    #: Facts beside the reason, logged as fields of their own (a mismatch's two digests).
+    details: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def unsettled(self) -> bool:
+        """The file was not at rest when it was read: not a bad input, a build to come."""
+        return self.code in UNSETTLED_CODES
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        fields = {"code": self.code, "reason": self.reason}
+        named = {"file": self.file, "signature": self.signature}
+        fields.update({key: value for key, value in named.items() if value is not None})
+        fields.update(self.details)
+        return fields
 
 
 class ModelRejected(Exception):
     """A model refused by a check: a short code (docs/events.md) and a reason to act on."""
 
-    def __init__(self, code: str, reason: str) -> None:
+    def __init__(self, code: str, reason: str, **details: Any) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
+        self.details = details
+        #: The sha256 of the bytes read, when they were read whole but refused (unparseable):
+        #: a declared digest then names the real cause, a torn upload.
+        self.sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +138,7 @@ class AcceptedModel:
     kept: bool = False
     #: Input and output types as the signature declares them, for `tfmerge status`.
     tensors: Mapping[str, Any] = field(default_factory=dict)
+    keep_devices: bool = False
 
     @property
     def suffix(self) -> str:
@@ -135,6 +160,7 @@ class AcceptedModel:
             outputs=self.outputs,
             sample=self.sample,
             origin=self.origin,
+            keep_devices=self.keep_devices,
         )
 
 
@@ -153,3 +179,6 @@ class BuildResult:
     stats: Mapping[str, Any] = field(default_factory=dict)
     #: Fingerprint of the files as read (specs.raw_fingerprint), for the next start-up check.
     raw_fingerprint: str | None = None
+    #: Files (relative to frozen_dir) refused because they were still being written or changed
+    #: while they were read: the supervisor settles them again and builds once they are at rest.
+    unsettled: tuple[str, ...] = ()

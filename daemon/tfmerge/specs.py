@@ -1,7 +1,8 @@
 """Which models a build serves: config entries, sidecar files and discovered graphs.
 
-Resolution only looks at names, sizes and declarations; reading and checking the graphs
-themselves is the worker's job. No TensorFlow here.
+Resolution looks at names, sizes and declarations: it reads sidecars and digest files (at most
+``max_sidecar_bytes`` each, through tfmerge.snapshot), never a graph; reading and checking the
+graphs themselves is the worker's job. No TensorFlow here.
 """
 
 from __future__ import annotations
@@ -10,20 +11,24 @@ import hashlib
 import json
 import os
 import tomllib
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tfmerge.config import Config, ModelDecl, Problem, parse_models
+from tfmerge import snapshot
+from tfmerge.config import Config, ModelDecl, Problem, parse_models, signature_problem
+from tfmerge.digests import digest_file_of, graph_of, parse_digest_file
+from tfmerge.inputs import DIGEST_SUFFIX, SIDECAR_SUFFIX, FrozenDir, is_input_path
 from tfmerge.inputs import MODEL_SUFFIXES as _SUFFIXES
-from tfmerge.inputs import SIDECAR_SUFFIX, is_input_path, size_problem
-from tfmerge.models import ModelSpec, Rejection
+from tfmerge.models import ModelRejected, ModelSpec, Rejection
 
 #: Binary first: NAME.pb wins over NAME.pbtxt when a sidecar could mean either.
 MODEL_SUFFIXES = tuple(sorted(_SUFFIXES))
 #: Bumped when the layout of a merged SavedModel changes, so old versions are rebuilt.
-FORMAT_VERSION = 1
+#: 2: device pins cleared, v1 loop frames scoped, constants lifted out of function bodies, and
+#: the small constants of inputs that are their own data shard restored from it.
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -34,12 +39,14 @@ class Resolution:
     refused_signatures: frozenset[str] = field(default_factory=frozenset)
     #: Graph files whose sidecar was refused: whatever they served keeps its last good input.
     refused_files: frozenset[str] = field(default_factory=frozenset)
+    #: Signatures whose last accepted input ended a worker in this build: not checked again.
+    unkept: frozenset[str] = field(default_factory=frozenset)
 
 
-def input_files(frozen_dir: Path) -> tuple[list[str], list[str]]:
-    """Relative POSIX paths of the graph files and of the sidecars under frozen_dir, in one
-    walk; upload leftovers excluded."""
-    graphs, sidecars = [], []
+def input_files(frozen_dir: Path) -> tuple[list[str], list[str], list[str]]:
+    """Relative POSIX paths of the graph files, the sidecars and the digest files under
+    frozen_dir, in one walk; upload leftovers excluded."""
+    graphs, sidecars, digest_files = [], [], []
     for dirpath, dirnames, filenames in os.walk(frozen_dir, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
@@ -48,9 +55,11 @@ def input_files(frozen_dir: Path) -> tuple[list[str], list[str]]:
                 continue
             if rel.endswith(SIDECAR_SUFFIX):
                 sidecars.append(rel)
+            elif rel.endswith(DIGEST_SUFFIX):
+                digest_files.append(rel)
             elif rel.endswith(MODEL_SUFFIXES):
                 graphs.append(rel)
-    return sorted(graphs), sorted(sidecars)
+    return sorted(graphs), sorted(sidecars), sorted(digest_files)
 
 
 def discovered_signature(relpath: str) -> str:
@@ -61,22 +70,21 @@ def discovered_signature(relpath: str) -> str:
     return relpath
 
 
-def check_path(frozen_dir: Path, relpath: str) -> Rejection | None:
-    """Refuse a path that leaves frozen_dir, directly or through a symlink, or is not a file."""
-    root = frozen_dir.resolve()
-    candidate = root / relpath
+def check_path(frozen_dir: Path, relpath: str, max_bytes: int | None = None) -> Rejection | None:
+    """Refuse a path that leaves frozen_dir, is a link, or is not a regular file.
+
+    The same rules as the read that follows (inputs.FrozenDir), which checks them again on
+    what it opens: this is the early word, that one the last.
+    """
+    with FrozenDir(frozen_dir) as frozen:
+        return _checked(frozen, relpath, max_bytes)
+
+
+def _checked(frozen: FrozenDir, relpath: str, max_bytes: int | None) -> Rejection | None:
     try:
-        resolved = candidate.resolve(strict=True)
-    except FileNotFoundError:
-        return Rejection("missing_file", "no such file in frozen_dir", file=relpath)
-    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
-        return Rejection("unreadable", f"cannot resolve path: {exc}", file=relpath)
-    if not resolved.is_relative_to(root):
-        return Rejection(
-            "path_escapes", f"resolves to {resolved}, outside frozen_dir {root}", file=relpath
-        )
-    if not resolved.is_file():
-        return Rejection("not_a_file", "is not a regular file", file=relpath)
+        frozen.check(relpath, max_bytes)
+    except ModelRejected as exc:
+        return Rejection(exc.code, exc.reason, file=relpath)
     return None
 
 
@@ -84,20 +92,30 @@ def _normalise(relpath: str) -> str:
     return Path(os.path.normpath(relpath)).as_posix()
 
 
-def sidecar_graph(frozen_dir: Path, rel: str) -> str | None:
+def sidecar_graph(rel: str, graphs: Collection[str]) -> str | None:
     """The graph a sidecar declares: NAME.pb (or NAME.pbtxt) beside NAME.toml, if present."""
     stem = rel[: -len(".toml")]
-    return next((stem + s for s in MODEL_SUFFIXES if (frozen_dir / (stem + s)).exists()), None)
+    return next((stem + s for s in MODEL_SUFFIXES if stem + s in graphs), None)
 
 
-def _sidecar_models(frozen_dir: Path, rel: str) -> tuple[list[ModelDecl], list[Rejection]]:
-    graph = sidecar_graph(frozen_dir, rel)
-    if graph is None:
-        # A sidecar may arrive before its graph; it only declares, so wait for the graph.
-        return [], []
+def read_small(frozen: FrozenDir, rel: str, limit: int, code: str) -> bytes:
+    """A sidecar's or a digest file's bytes, at most limit of them. Raises ModelRejected."""
+    with frozen.open(rel, None) as opened:
+        return snapshot.read_bounded(opened, limit, code, "max_sidecar_bytes")
+
+
+def _refusal(exc: ModelRejected, rel: str, signature: str | None = None) -> Rejection:
+    return Rejection(exc.code, exc.reason, rel, signature, tuple(exc.details.items()))
+
+
+def _sidecar_models(
+    frozen: FrozenDir, rel: str, graph: str, limit: int
+) -> tuple[list[ModelDecl], list[Rejection]]:
     try:
-        data = tomllib.loads((frozen_dir / rel).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        data = tomllib.loads(read_small(frozen, rel, limit, "bad_sidecar").decode("utf-8"))
+    except ModelRejected as exc:
+        return [], [_refusal(exc, rel)]
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         return [], [Rejection("bad_sidecar", f"not valid TOML: {exc}", file=rel)]
     problems: list[Problem] = []
     extra = sorted(set(data) - {"models"})
@@ -121,38 +139,91 @@ def _sidecar_models(frozen_dir: Path, rel: str) -> tuple[list[ModelDecl], list[R
     return resolved, []
 
 
+def _declared_digests(
+    frozen: FrozenDir, graphs: Collection[str], digest_files: Iterable[str], limit: int
+) -> tuple[dict[str, tuple[str, str]], dict[str, ModelRejected]]:
+    """graph -> (its digest file, the digest declared), and graph -> why its file is refused.
+
+    A digest file whose graph has not arrived yet only declares: it waits for the graph.
+    """
+    declared: dict[str, tuple[str, str]] = {}
+    refused: dict[str, ModelRejected] = {}
+    for rel in digest_files:
+        graph = graph_of(rel)
+        if graph not in graphs:
+            continue
+        try:
+            data = read_small(frozen, rel, limit, "bad_digest_file")
+            declared[graph] = (rel, parse_digest_file(data, graph))
+        except ModelRejected as exc:
+            refused[graph] = exc
+    return declared, refused
+
+
 def resolve(config: Config) -> Resolution:
     """The models of the next build, and the declarations refused before reading any graph."""
-    rejections: list[Rejection] = []
-    decls: list[ModelDecl] = list(config.models)
     frozen_dir = config.frozen_dir
     if not frozen_dir.is_dir():
         return Resolution(
             (), (Rejection("missing_dir", "frozen_dir does not exist", file=str(frozen_dir)),)
         )
+    with FrozenDir(frozen_dir) as frozen:
+        return _resolve(config, frozen)
+
+
+def _discovered(
+    graph_files: list[str], declared_files: set[str], rejections: list[Rejection]
+) -> list[ModelDecl]:
+    """A declaration for each graph no entry declares, served under its path."""
+    found = []
+    for rel in graph_files:
+        if rel in declared_files:
+            continue
+        signature = discovered_signature(rel)
+        unlistable = signature_problem(signature)
+        if unlistable is not None:
+            rejections.append(
+                Rejection(
+                    "bad_name",
+                    f"its signature would be its path without the suffix, {signature!r}, "
+                    f"which {unlistable}: rename the file, or declare it under another name",
+                    rel,
+                )
+            )
+            continue
+        found.append(ModelDecl(signature, rel, {}, {}, origin="discovered"))
+    return found
+
+
+def _resolve(config: Config, frozen: FrozenDir) -> Resolution:
+    rejections: list[Rejection] = []
+    decls: list[ModelDecl] = list(config.models)
     broken: set[str] = set()
-    graph_files, sidecars = input_files(frozen_dir)
+    graph_files, sidecars, digest_files = input_files(config.frozen_dir)
+    graph_set = set(graph_files)
     for rel in sidecars:
-        models, problems = _sidecar_models(frozen_dir, rel)
+        graph = sidecar_graph(rel, graph_set)
+        if graph is None:
+            # A sidecar may arrive before its graph; it only declares, so wait for the graph.
+            continue
+        models, problems = _sidecar_models(frozen, rel, graph, config.max_sidecar_bytes)
         decls.extend(models)
         rejections.extend(problems)
-        graph = sidecar_graph(frozen_dir, rel)
-        if problems and graph is not None:
+        if problems:
             # The graph is meant to be declared: neither discover it under its file name nor
             # drop what it served before.
             broken.add(graph)
+    declared, bad_digests = _declared_digests(
+        frozen, graph_set, digest_files, config.max_sidecar_bytes
+    )
 
     by_signature: dict[str, list[ModelDecl]] = {}
     for decl in decls:
         by_signature.setdefault(decl.signature, []).append(decl)
     declared_files = {_normalise(d.frozen) for d in decls} | broken
     if config.discover:
-        for rel in graph_files:
-            if rel in declared_files:
-                continue
-            by_signature.setdefault(discovered_signature(rel), []).append(
-                ModelDecl(discovered_signature(rel), rel, {}, {}, origin="discovered")
-            )
+        for decl in _discovered(graph_files, declared_files, rejections):
+            by_signature.setdefault(decl.signature, []).append(decl)
 
     specs: list[ModelSpec] = []
     refused: set[str] = set()
@@ -172,13 +243,17 @@ def resolve(config: Config) -> Resolution:
             continue
         decl = claims[0]
         relpath = _normalise(decl.frozen)
-        problem = check_path(frozen_dir, relpath)
-        if problem is None:
-            problem = _check_size(frozen_dir / relpath, relpath, config.max_model_bytes)
+        problem = _checked(frozen, relpath, config.max_model_bytes)
+        if problem is None and relpath in bad_digests:
+            # Its digest cannot be known: the graph is not used, whatever its bytes.
+            problem = _refusal(bad_digests[relpath], digest_file_of(relpath))
         if problem is not None:
-            rejections.append(Rejection(problem.code, problem.reason, relpath, signature))
+            rejections.append(replace(problem, signature=signature))
             refused.add(signature)
             continue
+        digests = [declared[relpath]] if relpath in declared else []
+        if decl.sha256 is not None:
+            digests.append((decl.origin, decl.sha256))
         discovered = decl.origin == "discovered"
         specs.append(
             ModelSpec(
@@ -188,20 +263,21 @@ def resolve(config: Config) -> Resolution:
                 outputs=None if discovered else dict(decl.outputs),
                 sample=decl.sample,
                 origin=decl.origin,
+                declared_sha256=tuple(digests),
+                allow_interface_change=decl.allow_interface_change,
+                keep_devices=(
+                    config.keep_devices if decl.keep_devices is None else decl.keep_devices
+                ),
             )
         )
     return Resolution(tuple(specs), tuple(rejections), frozenset(refused), frozenset(broken))
 
 
-def _check_size(path: Path, relpath: str, limit: int) -> Rejection | None:
-    problem = size_problem(path.stat().st_size, limit)
-    return None if problem is None else Rejection(*problem, file=relpath)
-
-
-def file_sha256(path: Path) -> str:
+def input_sha256(frozen: FrozenDir, relpath: str) -> str:
+    """The sha256 of an input as it is now, for a fingerprint (no lease: nothing is used)."""
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
+    with frozen.open(relpath, None) as opened:
+        while chunk := os.read(opened.fd, 1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -213,6 +289,7 @@ def spec_key(spec: ModelSpec) -> dict[str, Any]:
         "inputs": dict(sorted(spec.inputs.items())) if spec.inputs is not None else None,
         "outputs": dict(sorted(spec.outputs.items())) if spec.outputs is not None else None,
         "sample": spec.sample,
+        "keep_devices": spec.keep_devices,
     }
 
 
@@ -234,15 +311,23 @@ def raw_fingerprint(
     """The fingerprint of what is on disk now, computed without TensorFlow.
 
     ``digests`` (relpath -> sha256) are files already hashed; every other file is hashed here.
+    Declared digests count: a digest file that changes is a change of the inputs.
     """
     entries = []
-    known = digests or {}
-    for spec in resolution.specs:
-        try:
-            digest = known.get(spec.relpath) or file_sha256(config.frozen_dir / spec.relpath)
-        except OSError as exc:
-            digest = f"unreadable:{exc.errno}"
-        entries.append({**spec_key(spec), "sha256": digest})
+    known = dict(digests or {})
+    with FrozenDir(config.frozen_dir) as frozen:
+        for spec in resolution.specs:
+            if spec.relpath not in known:
+                try:
+                    known[spec.relpath] = input_sha256(frozen, spec.relpath)
+                except ModelRejected as exc:
+                    known[spec.relpath] = f"unreadable:{exc.code}"
+                except OSError as exc:
+                    known[spec.relpath] = f"unreadable:{exc.errno}"
+            entry = {**spec_key(spec), "sha256": known[spec.relpath]}
+            if spec.declared_sha256:
+                entry["declared_sha256"] = [list(pair) for pair in spec.declared_sha256]
+            entries.append(entry)
     entries.extend(
         {"signature": f"!{r.signature or r.file}", "code": r.code, "file": r.file}
         for r in resolution.rejections

@@ -62,6 +62,9 @@ _ERRORS: dict[int, type[TFError]] = {
     code: type("".join(p.title() for p in name.split("_")) + "Error", (TFError,), {})
     for code, name in enumerate(_CODES)
 }
+#: The errors a check tells apart: a run past its deadline, an allocation refused.
+DeadlineExceededError = _ERRORS[_CODES.index("DEADLINE_EXCEEDED")]
+ResourceExhaustedError = _ERRORS[_CODES.index("RESOURCE_EXHAUSTED")]
 
 
 class _Output(ctypes.Structure):
@@ -315,8 +318,11 @@ class Session:
         targets: Sequence[str] = (),
         *,
         aliased: Collection[str] = (),
+        options: bytes | None = None,
     ) -> list[np.ndarray]:
         """One TF_SessionRun: tensors by name in, the fetched values out, in order.
+
+        ``options`` is a serialized RunOptions (a deadline, for one).
 
         The feeds named in ``aliased`` are handed over without a copy when they are aligned:
         the caller keeps their memory alive and unchanged until this session is closed (a
@@ -334,9 +340,10 @@ class Session:
             for index, name in enumerate(names):
                 alias = arrays if name in aliased else None
                 values[index] = _new_tensor(lib, feeds[name], graph.dtype(name), alias)
+            run_options = None if options is None else ctypes.byref(_bytes_buffer(options))
             with Status() as status:
                 lib.TF_SessionRun(
-                    self.pointer, None, inputs, values, len(names), outputs, results,
+                    self.pointer, run_options, inputs, values, len(names), outputs, results,
                     len(fetches), ops, len(targets), None, status.pointer,
                 )  # fmt: skip
                 status.check()

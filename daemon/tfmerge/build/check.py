@@ -17,28 +17,19 @@ from typing import Any
 import numpy as np
 
 from tfmerge import oppolicy
-from tfmerge.build import constants, probe, reading, signatures
+from tfmerge.build import attribution, budget, quirks, reading, signatures, staticcheck
 from tfmerge.build.verdicts import Verdict, Verdicts
 from tfmerge.build.writer import Writer
 from tfmerge.config import Config
 from tfmerge.folders.state import Store
+from tfmerge.inputs import FrozenDir
+from tfmerge.interface import check_interface
 from tfmerge.logs import get_logger
-from tfmerge.models import (
-    AcceptedModel,
-    LargeConstant,
-    ModelRejected,
-    ModelSpec,
-    Rejection,
-    TensorSig,
-)
+from tfmerge.models import AcceptedModel, ModelRejected, ModelSpec, Rejection, TensorSig
 from tfmerge.specs import resolve
 
 #: Freed memory is handed back to the kernel after each model of at least this size.
 _TRIM_AFTER_BYTES = 4 << 20
-#: Graph files below this size whose graphs can share a session are probed together ...
-_SHARED_PROBE_BYTES = 1 << 20
-#: ... this many at a time (the graphs, their copies and their inputs stay in memory until then).
-_SHARED_PROBES = 16
 
 
 @dataclass
@@ -63,183 +54,121 @@ def check_model(
     kept: bool,
     writer: Writer | None = None,
     sha256: str | None = None,
+    previous: AcceptedModel | None = None,
     verdicts: Verdicts | None = None,
 ) -> Checked:
     """Everything a model must pass before it may be merged; raises ModelRejected.
 
     With a writer, the input is checked from its copy in the state folder (unless it is a
     kept copy already), which is kept once it passes, its large constants going into the
-    version being built. With a sha256, the file must have those very bytes (a kept copy).
-    With verdicts, a check of these very bytes under this declaration is reused (verdicts.py).
+    version being built. Without one, it is read from frozen_dir (``tfmerge check``). With a
+    sha256, the file must have those very bytes (a kept copy). ``previous`` is the model's
+    last accepted input, whose interface a new input may not break unannounced. With
+    verdicts, the import and probe of these very bytes under this declaration and these limits
+    are reused when an earlier build found them (verdicts.py).
     """
-    started = _start(spec, path, config, kept=kept, writer=writer, sha256=sha256, verdicts=verdicts)
-    if isinstance(started, Checked):
-        return started
-    return _finish(started, probe.run_alone(started.probe), writer, verdicts)
-
-
-@dataclass
-class _Probing:
-    """A model whose checks passed up to the probe run, which it shares with other models."""
-
-    spec: ModelSpec
-    read: reading.GraphRead
-    kept: bool
-    light: Any
-    large: list[LargeConstant]
-    init_nodes: list[str]
-    inputs: dict[str, str]
-    outputs: dict[str, str]
-    input_sigs: dict[str, TensorSig]
-    output_sigs: dict[str, TensorSig]
-    probe: probe.Probe
-
-
-def _start(
-    spec: ModelSpec,
-    path: Path,
-    config: Config,
-    *,
-    kept: bool,
-    writer: Writer | None,
-    sha256: str | None,
-    verdicts: Verdicts | None,
-) -> Checked | _Probing:
-    """Read and check a model up to its probe run: a Checked when a verdict saves the run."""
-    if writer is None:
-        read = reading.read_graph(path, spec.relpath, config.max_model_bytes)
-    else:
-        read = writer.read(path, spec.relpath, config.max_model_bytes, kept=kept)
+    attribution.reading_file(spec, path, config, kept=kept)
     try:
-        _expect_bytes(read, sha256)
-        verdict = verdicts.get(spec, read.sha256) if verdicts is not None else None
-        if verdict is None:
-            oppolicy.check_ops(read.graph_def, config.allow_ops)
-        light, large = constants.split_large_constants(read.graph_def, read.payloads, read.offsets)
-        # From here on only the light graph and the constants' arrays (views of read.data) remain.
-        read.graph_def = None
-        init_nodes = signatures.initializer_nodes(light)
-        if verdict is not None:
-            if spec.inputs is None or spec.outputs is None:
-                _log_inferred(spec, verdict.inputs, verdict.outputs)
-            return _accept(spec, read, kept, light, large, init_nodes, verdict, writer)
-        return _prepare(spec, read, kept, light, large, init_nodes)
+        if writer is None:
+            with FrozenDir(config.frozen_dir) as frozen:
+                opened = frozen.open(spec.relpath, config.max_model_bytes)
+                read = reading.read_opened(opened, spec.relpath)
+        else:
+            read = writer.read(path, spec.relpath, config.max_model_bytes, kept=kept)
+    except ModelRejected as exc:
+        if exc.sha256 is not None and not kept:
+            # A torn upload often does not parse: its declared digest names the cause.
+            _check_digest(spec, exc.sha256)
+        raise
+    try:
+        if not kept:
+            _check_digest(spec, read.sha256)
+        with attribution.checking(
+            spec, config, read, kept=kept, remember=writer is not None
+        ) as checking:
+            return _check_read(
+                spec,
+                read,
+                config,
+                checking,
+                writer=writer,
+                sha256=sha256,
+                previous=previous,
+                verdicts=verdicts,
+            )
     except BaseException:
         if writer is not None:
             writer.reject(read)
         raise
 
 
-def _expect_bytes(read: reading.GraphRead, sha256: str | None) -> None:
-    if sha256 is not None and read.sha256 != sha256:
-        raise ModelRejected("damaged", "the kept copy in the state folder is damaged")
+def _check_digest(spec: ModelSpec, sha256: str) -> None:
+    """Refuse bytes that are not the ones declared (digest file, or the entry's sha256)."""
+    for source, declared in spec.declared_sha256:
+        if sha256 != declared:
+            raise ModelRejected(
+                "digest_mismatch",
+                f"the file's sha256 is {sha256}, but {source} declares {declared}: an upload "
+                "that is incomplete, or not the file the digest was made for",
+                sha256=sha256,
+                declared_sha256=declared,
+                declared_by=source,
+            )
 
 
-def _prepare(
+def _check_read(
     spec: ModelSpec,
     read: reading.GraphRead,
-    kept: bool,
-    light: Any,
-    large: list[LargeConstant],
-    init_nodes: list[str],
-) -> _Probing:
-    """Import the graph, find its signature's tensors and make its probe input."""
-    serialized = light.SerializeToString()
-    graph = signatures.import_graph(serialized)
-    try:
-        inputs, outputs = spec.inputs, spec.outputs
-        if inputs is None or outputs is None:
-            inputs, outputs = signatures.infer_signature(graph, [c.name for c in large])
-            _log_inferred(spec, inputs, outputs)
-        input_sigs = {key: signatures.tensor_sig(graph, name) for key, name in inputs.items()}
-        output_sigs = {key: signatures.tensor_sig(graph, name) for key, name in outputs.items()}
-        for key, sig in input_sigs.items():
-            if signatures.op_type(graph, sig.name) not in signatures.INPUT_OPS:
-                get_logger().debug(
-                    "input_not_placeholder", signature=spec.signature, input=key, tensor=sig.name
-                )
-    finally:
-        graph.close()
-    feeds = probe.probe_inputs(spec.signature, input_sigs, spec.sample)
-    run = probe.Probe(
-        serialized,
-        init_nodes,
-        {input_sigs[k].name: v for k, v in feeds.items()} | {f"{c.name}:0": c.value for c in large},
-        {k: s.name for k, s in output_sigs.items()},
-    )
-    verdict_parts = (dict(inputs), dict(outputs), input_sigs, output_sigs)
-    return _Probing(spec, read, kept, light, large, init_nodes, *verdict_parts, run)
-
-
-def _finish(
-    probing: _Probing,
-    outcome: dict[str, np.ndarray] | Exception,
+    config: Config,
+    checking: attribution.Checking,
+    *,
     writer: Writer | None,
+    sha256: str | None,
+    previous: AcceptedModel | None,
     verdicts: Verdicts | None,
 ) -> Checked:
-    """A model whose probe ran: accepted with what its source computed, or refused."""
-    if isinstance(outcome, Exception):  # any kernel error on the probe input
-        if writer is not None:
-            writer.reject(probing.read)
-        raise ModelRejected(
-            "source_failed",
-            f"the source graph fails on the probe input ({type(outcome).__name__}: "
-            f"{getattr(outcome, 'message', outcome)}); add a `sample` to its declaration",
-        ) from outcome
-    try:
-        feeds = {key: probing.probe.feeds[sig.name] for key, sig in probing.input_sigs.items()}
-        verdict = Verdict(
-            probing.inputs,
-            probing.outputs,
-            probing.input_sigs,
-            probing.output_sigs,
-            feeds,
-            outcome,
+    kept = checking.kept
+    if sha256 is not None and read.sha256 != sha256:
+        raise ModelRejected("damaged", "the kept copy in the state folder is damaged")
+    sha256, size = read.sha256, len(read.data)
+    verdict = None if verdicts is None else verdicts.get(spec, sha256, checking.limits)
+    if verdict is None:
+        oppolicy.check_ops(read.graph_def, config.allow_ops)
+        checking.step("import")
+        staticcheck.check_library(read.graph_def)
+    prepared = quirks.prepare(read, spec)
+    light, large = prepared.light, prepared.large
+    # From here on only the light graph and the constants' arrays (views of read.data) remain.
+    read.graph_def = None
+    init_nodes = signatures.initializer_nodes(light)
+    if verdict is None:
+        verdict = _import_and_probe(
+            spec, prepared, init_nodes, checking, None if kept else previous, config
         )
         if verdicts is not None:
-            verdicts.put(probing.spec, probing.read.sha256, verdict)
-        return _accept(
-            probing.spec,
-            probing.read,
-            probing.kept,
-            probing.light,
-            probing.large,
-            probing.init_nodes,
-            verdict,
-            writer,
-        )
-    except BaseException:
-        if writer is not None:
-            writer.reject(probing.read)
-        raise
-
-
-def _accept(
-    spec: ModelSpec,
-    read: reading.GraphRead,
-    kept: bool,
-    light: Any,
-    large: list[LargeConstant],
-    init_nodes: list[str],
-    verdict: Verdict,
-    writer: Writer | None,
-) -> Checked:
+            verdicts.put(spec, sha256, checking.limits, verdict)
+    else:
+        if spec.inputs is None or spec.outputs is None:
+            _log_inferred(spec, verdict.inputs, verdict.outputs)
+        if not kept:
+            allow_all = config.allow_interface_change
+            check_interface(spec, previous, _tensors(verdict), allow_all=allow_all)
+    del prepared
     if writer is not None:
         writer.accept(read, large)
+    del large
     model = AcceptedModel(
         signature=spec.signature,
         relpath=spec.relpath,
-        sha256=read.sha256,
-        size=len(read.data),
+        sha256=sha256,
+        size=size,
         inputs=dict(verdict.inputs),
         outputs=dict(verdict.outputs),
         sample=spec.sample,
         origin=spec.origin,
         kept=kept,
-        tensors={
-            "inputs": {k: s.as_dict() for k, s in verdict.input_sigs.items()},
-            "outputs": {k: s.as_dict() for k, s in verdict.output_sigs.items()},
-        },
+        tensors=_tensors(verdict),
+        keep_devices=spec.keep_devices,
     )
     return Checked(
         model,
@@ -250,6 +179,55 @@ def _accept(
         verdict.feeds,
         verdict.expected,
     )
+
+
+def _import_and_probe(
+    spec: ModelSpec,
+    prepared: quirks.Prepared,
+    init_nodes: list[str],
+    checking: attribution.Checking,
+    previous: AcceptedModel | None,
+    config: Config,
+) -> Verdict:
+    """Import the graph, find its signature's tensors, check its interface against the last
+    accepted input's (``previous``), and run its probe: what a verdict records."""
+    graph = signatures.import_graph(prepared.source)
+    try:
+        inputs, outputs = spec.inputs, spec.outputs
+        if inputs is None or outputs is None:
+            constants = [c.name for c in prepared.source_constants]
+            inputs, outputs = signatures.infer_signature(graph, constants)
+            _log_inferred(spec, inputs, outputs)
+        input_sigs = {key: signatures.tensor_sig(graph, name) for key, name in inputs.items()}
+        output_sigs = {key: signatures.tensor_sig(graph, name) for key, name in outputs.items()}
+        found = Verdict(dict(inputs), dict(outputs), input_sigs, output_sigs, {}, {})
+        check_interface(spec, previous, _tensors(found), allow_all=config.allow_interface_change)
+        for key, sig in input_sigs.items():
+            if signatures.op_type(graph, sig.name) not in signatures.INPUT_OPS:
+                get_logger().debug(
+                    "input_not_placeholder", signature=spec.signature, input=key, tensor=sig.name
+                )
+        checking.step("probe")
+        feeds, expected = budget.probe_run(
+            spec,
+            graph,
+            prepared.source,
+            init_nodes,
+            input_sigs,
+            output_sigs,
+            prepared.source_constants,
+            checking.limits,
+        )
+    finally:
+        graph.close()
+    return Verdict(dict(inputs), dict(outputs), input_sigs, output_sigs, feeds, expected)
+
+
+def _tensors(verdict: Verdict) -> dict[str, Any]:
+    return {
+        "inputs": {k: s.as_dict() for k, s in verdict.input_sigs.items()},
+        "outputs": {k: s.as_dict() for k, s in verdict.output_sigs.items()},
+    }
 
 
 def _log_inferred(spec: ModelSpec, inputs: Mapping[str, str], outputs: Mapping[str, str]) -> None:
@@ -269,62 +247,32 @@ def check_specs(
     writer: Writer | None = None,
     verdicts: Verdicts | None = None,
 ) -> Iterator[Checked | Rejection]:
-    """Check each model from frozen_dir: what passed, or its logged refusal.
-
-    Small graphs that can share a session are probed together, a batch at a time (their
-    results come after the models checked alone); every other model is checked at once.
-    """
-    batch: list[_Probing] = []
+    """Check each model from frozen_dir, one at a time: what passed, or its logged refusal."""
+    accepted = Store(config.state_dir).accepted()
     for spec in specs:
-        size = None
+        size: int | None = None
         try:
-            started = _start(
+            checked = check_model(
                 spec,
                 config.frozen_dir / spec.relpath,
                 config,
                 kept=False,
                 writer=writer,
-                sha256=None,
+                previous=accepted.get(spec.signature),
                 verdicts=verdicts,
             )
-            size = len(started.read.data) if isinstance(started, _Probing) else started.model.size
-            if isinstance(started, _Probing):
-                if size < _SHARED_PROBE_BYTES and probe.shareable(
-                    started.light, started.init_nodes
-                ):
-                    batch.append(started)
-                    if len(batch) == _SHARED_PROBES:
-                        yield from _probe_batch(batch, writer, verdicts)
-                        batch = []
-                    continue
-                started = _finish(started, probe.run_alone(started.probe), writer, verdicts)
-            yield started
+            size = checked.model.size
+            yield checked
         except ModelRejected as exc:
-            yield _rejected(spec, exc)
+            rejection = Rejection(
+                exc.code, exc.reason, spec.relpath, spec.signature, tuple(exc.details.items())
+            )
+            log_rejection(rejection)
+            yield rejection
         finally:
             # A small model leaves little to hand back, and trimming costs about a millisecond.
             if size is None or size >= _TRIM_AFTER_BYTES:
                 release_memory()
-    yield from _probe_batch(batch, writer, verdicts)
-
-
-def _probe_batch(
-    batch: list[_Probing], writer: Writer | None, verdicts: Verdicts | None
-) -> Iterator[Checked | Rejection]:
-    if not batch:
-        return
-    outcomes = probe.run_shared([item.probe for item in batch])
-    for item, outcome in zip(batch, outcomes, strict=True):
-        try:
-            yield _finish(item, outcome, writer, verdicts)
-        except ModelRejected as exc:
-            yield _rejected(item.spec, exc)
-
-
-def _rejected(spec: ModelSpec, exc: ModelRejected) -> Rejection:
-    rejection = Rejection(exc.code, exc.reason, spec.relpath, spec.signature)
-    get_logger().error("model_rejected", **rejection.as_dict())
-    return rejection
 
 
 def release_memory() -> None:
@@ -338,14 +286,25 @@ def release_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
+def log_rejection(rejection: Rejection) -> None:
+    """A refusal's ``model_rejected`` line: a warning for a file not at rest, which is built
+    once it is, an error for a bad input."""
+    log = get_logger()
+    (log.warning if rejection.unsettled else log.error)("model_rejected", **rejection.as_dict())
+
+
 def check_kept(
     signature: str,
     store: Store,
     config: Config,
     writer: Writer,
+    cause: Rejection | None = None,
     verdicts: Verdicts | None = None,
 ) -> Checked | None:
-    """The last accepted input of a signature whose current input was refused, checked again."""
+    """The last accepted input of a signature whose current input was refused, checked again.
+
+    ``cause`` is the refusal that made it needed, named on the ``model_kept`` line.
+    """
     log = get_logger()
     previous = store.accepted().get(signature)
     if previous is None:
@@ -364,7 +323,14 @@ def check_kept(
     except ModelRejected as exc:
         log.error("model_dropped", signature=signature, file=previous.relpath, reason=exc.reason)
         return None
-    log.warning("model_kept", signature=signature, file=previous.relpath, sha256=previous.sha256)
+    because = {} if cause is None else {"code": cause.code, "reason": cause.reason}
+    log.warning(
+        "model_kept",
+        signature=signature,
+        file=previous.relpath,
+        sha256=previous.sha256,
+        **because,
+    )
     return checked
 
 
@@ -373,7 +339,7 @@ def check_all(config: Config) -> list[Rejection]:
     log = get_logger()
     resolution = resolve(config)
     for rejection in resolution.rejections:
-        log.error("model_rejected", **rejection.as_dict())
+        log_rejection(rejection)
     rejections = list(resolution.rejections)
     accepted = []
     for item in check_specs(resolution.specs, config):

@@ -19,6 +19,12 @@ from tfmerge.models import LargeConstant, ModelRejected
 #: (it is fed instead) and moved into the merged model's ``variables/``: TensorFlow copies in-graph
 #: constants several times on import and on session creation.
 LARGE_CONSTANT_BYTES = 1 << 20
+#: In an input that is the data file of its own large constants (writer.SHARD_SHARE), every
+#: numeric Const of at least this many bytes becomes a restored variable as well: its bytes are
+#: in that file already, and inside saved_model.pb they would be stored a second time. Smaller
+#: ones stay in the graph: each variable costs the loader about as much time as it saves, and
+#: below this size more (docs/benchmarks-field.md: from 1 KiB, a load took 12% more CPU).
+SHARD_CONSTANT_BYTES = 4 << 10
 
 
 _TYPED_VALUE_FIELDS = (
@@ -28,8 +34,8 @@ _TYPED_VALUE_FIELDS = (
 )  # fmt: skip
 
 
-def is_large_constant(node: Any) -> bool:
-    """A numeric Const whose bytes, all in tensor_content, reach LARGE_CONSTANT_BYTES.
+def is_large_constant(node: Any, threshold: int = LARGE_CONSTANT_BYTES) -> bool:
+    """A numeric Const whose bytes, all in tensor_content, reach threshold.
 
     Decided from the shape and dtype: reading tensor_content would copy all of its bytes.
     """
@@ -42,7 +48,7 @@ def is_large_constant(node: Any) -> bool:
     elements = 1
     for dim in value.tensor_shape.dim:
         elements *= max(dim.size, 0)
-    if elements * dtype.size < LARGE_CONSTANT_BYTES:
+    if elements * dtype.size < threshold:
         return False
     # A constant written as typed values (a splat of one value, say) has no tensor_content.
     return not any(len(getattr(value, field)) for field in _TYPED_VALUE_FIELDS)
@@ -69,6 +75,7 @@ def split_large_constants(
     graph_def: Any,
     payloads: Mapping[str, memoryview] | None = None,
     offsets: Mapping[str, int] | None = None,
+    threshold: int = LARGE_CONSTANT_BYTES,
 ) -> tuple[Any, list[LargeConstant]]:
     """The graph with every large Const replaced by a Placeholder of the same name and type.
 
@@ -76,7 +83,7 @@ def split_large_constants(
     frozen graph computes, without TensorFlow copying those bytes into the graph. The
     placeholders keep the constants' private attributes (colocation): the merge turns them into
     variable reads. ``payloads`` holds the contents read_graph left out of graph_def, and
-    ``offsets`` where they are in the file.
+    ``offsets`` where they are in the file. A constant is large from ``threshold`` bytes.
     """
     payloads = payloads or {}
     offsets = offsets or {}
@@ -86,11 +93,11 @@ def split_large_constants(
     large = []
     for node in graph_def.node:
         payload = payloads.get(node.name)
-        if payload is not None and not is_large_constant(node):
+        if payload is not None and not is_large_constant(node, threshold):
             # Not a constant the merge moves (quantized, say): its bytes go back in the graph.
             node.attr["value"].tensor.tensor_content = bytes(payload)
             payload = None
-        if is_large_constant(node):
+        if is_large_constant(node, threshold):
             value = node.attr["value"].tensor
             placeholder = light.node.add(name=node.name, op="Placeholder", device=node.device)
             placeholder.input.extend(node.input)

@@ -1,6 +1,6 @@
 """Many frozen graphs in, one SavedModel out. Worker side: imports TensorFlow's protobufs.
 
-The merge works on protobufs, not on a tfcore.Graph: each graph's nodes are renamed into its own
+The merge works on protobufs, not on a TensorFlow graph: each graph's nodes are renamed into its own
 scope in place and serialised once, then written as one more ``graph_def`` chunk of the
 MetaGraphDef (protobuf merges repeated occurrences of an embedded message). Constants are
 never copied into a TensorFlow graph, which is where the naive merge spends its time and memory.
@@ -13,7 +13,6 @@ have ``while_body_frozen_71``-like names) is renamed in the later graph, with ev
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,20 +26,6 @@ from tfmerge.models import TensorSig
 MAIN_OP_NAME = "tfmerge_main_op"
 _MAIN_OP_COLLECTION = "saved_model_main_op"
 _PREDICT = "tensorflow/serving/predict"
-_INVALID_SCOPE_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
-
-
-def scope_for(signature: str) -> str:
-    """A valid, collision-free TensorFlow name scope for any signature name.
-
-    A name that is already valid is used as it is; any other gets its invalid characters
-    replaced and a digest of the original appended, so "a b" and "a_b" never meet.
-    """
-    cleaned = _INVALID_SCOPE_CHARS.sub("_", signature)
-    if cleaned == signature and cleaned[:1].isalnum():
-        return cleaned
-    digest = hashlib.sha256(signature.encode()).hexdigest()[:8]
-    return f"m_{cleaned}_{digest}" if not cleaned[:1].isalnum() else f"{cleaned}_{digest}"
 
 
 @dataclass(frozen=True)
@@ -110,6 +95,10 @@ def _rename_funcs_in_node(node: Any, renames: Mapping[str, str]) -> None:
         _rename_funcs_in_attr(value, renames)
 
 
+#: The ops that open a TF1 (v1 control flow) while loop's frame, named by ``frame_name``.
+_ENTER_OPS = frozenset({"Enter", "RefEnter"})
+
+
 def _scope_node(node: Any, scope: str, renames: Mapping[str, str]) -> None:
     node.name = f"{scope}/{node.name}"
     if node.input:
@@ -120,6 +109,12 @@ def _scope_node(node: Any, scope: str, renames: Mapping[str, str]) -> None:
             b"loc:@" + scope.encode() + b"/" + s[len(b"loc:@") :] if s.startswith(b"loc:@") else s
             for s in colocation.list.s
         ]
+    frame = node.attr.get("frame_name")
+    if frame is not None and frame.s and node.op in _ENTER_OPS:
+        # The executor tells loops apart by frame name: two graphs' "rnn/while/while_context"
+        # would be one loop with two LoopConds in a run that reaches both (MultiInference, an
+        # init op that fills two tables each computed by a loop).
+        frame.s = scope.encode() + b"/" + frame.s
     shared = node.attr.get("shared_name")
     if shared is not None and shared.s:
         # Tables and variables with the same shared_name would be one resource in a session.

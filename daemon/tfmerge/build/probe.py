@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -72,100 +71,29 @@ def check_session_config() -> Any:
     return config
 
 
-@dataclass
-class Probe:
-    """A source graph, ready to run once on its probe input."""
-
-    #: The serialized GraphDef, as checked (its large constants as placeholders).
-    graph_def: bytes
-    init_nodes: Sequence[str]
-    #: Tensor names -> values: the probe input, and the large constants the graph stands for.
-    feeds: dict[str, np.ndarray]
-    #: Output keys -> tensor names.
-    fetches: dict[str, str]
-
-
 def run_graph(
     graph: capi.Graph,
     init_nodes: Sequence[str],
     feeds: Mapping[str, np.ndarray],
     fetches: Mapping[str, str],
+    *,
+    timeout_seconds: float | None = None,
 ) -> dict[str, np.ndarray]:
     """Run a source graph the way the merged model runs it: initializers first, then one call.
 
     The feeds are handed to TensorFlow without a copy: the session ends before this returns,
-    and with it anything in the graph that could hold on to them.
+    and with it anything in the graph that could hold on to them. With timeout_seconds, each of
+    the two runs fails with DeadlineExceeded past it.
     """
+    options = None
+    if timeout_seconds is not None:
+        timeout_in_ms = max(1, round(timeout_seconds * 1000))
+        options = tfcore.RunOptions(timeout_in_ms=timeout_in_ms).SerializeToString()
     keys = list(fetches)
     with capi.Session(graph, check_session_config().SerializeToString()) as session:
         if init_nodes:
-            session.run({}, [], init_nodes)
-        values = session.run(feeds, [fetches[k] for k in keys], aliased=feeds.keys())
+            session.run({}, [], init_nodes, options=options)
+        values = session.run(
+            feeds, [fetches[k] for k in keys], aliased=feeds.keys(), options=options
+        )
     return dict(zip(keys, values, strict=True))
-
-
-def run_alone(probe: Probe) -> dict[str, np.ndarray]:
-    """One probe in a graph and a session of its own."""
-    graph = capi.Graph()
-    try:
-        graph.import_graph_def(probe.graph_def)
-        return run_graph(graph, probe.init_nodes, probe.feeds, probe.fetches)
-    finally:
-        graph.close()
-
-
-def shareable(graph_def: Any, init_nodes: Sequence[str]) -> bool:
-    """Whether a graph computes the same in a session shared with other graphs.
-
-    Each graph goes under a name scope of its own there, but some things a scope does not
-    separate: functions (one library per graph), TF1 loop frames (named by an attribute),
-    resources named by shared_name or container (tables, variables), and initializers.
-    """
-    if init_nodes or len(graph_def.library.function) or len(graph_def.library.gradient):
-        return False
-    for node in graph_def.node:
-        if node.op in _LOOP_OPS:
-            return False
-        for name in ("shared_name", "container"):
-            value = node.attr.get(name)
-            if value is not None and value.s:
-                return False
-    return True
-
-
-def run_shared(probes: Sequence[Probe]) -> list[dict[str, np.ndarray] | Exception]:
-    """Each probe's outputs, or the error it failed with, from one session call for all.
-
-    A session call costs a fixed part besides the work of each graph: for small graphs, most
-    of it. The graphs must be shareable. Should the shared call fail, each probe is run alone,
-    so that a failure is its own graph's.
-    """
-    graph = capi.Graph()
-    feeds: dict[str, np.ndarray] = {}
-    fetches: dict[str, str] = {}
-    try:
-        for index, probe in enumerate(probes):
-            scope = f"probe{index}"
-            graph.import_graph_def(probe.graph_def, prefix=scope)
-            feeds.update({f"{scope}/{name}": value for name, value in probe.feeds.items()})
-            fetches.update({f"{scope}/{t}": f"{scope}/{t}" for t in probe.fetches.values()})
-        together = run_graph(graph, (), feeds, fetches)
-    except (capi.TFError, KeyError):
-        return [_outcome(probe) for probe in probes]
-    finally:
-        graph.close()
-    return [
-        {key: together[f"probe{index}/{tensor}"] for key, tensor in probe.fetches.items()}
-        for index, probe in enumerate(probes)
-    ]
-
-
-def _outcome(probe: Probe) -> dict[str, np.ndarray] | Exception:
-    try:
-        return run_alone(probe)
-    except Exception as exc:  # noqa: BLE001 - any kernel error on the probe input is the result
-        return exc
-
-
-#: TF1 while loops: their frames are named by an attribute, the same in every copy of a graph.
-_LOOP_OPS = frozenset({"Enter", "RefEnter"})

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import mmap
-import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from tfmerge import snapshot
 from tfmerge.build import constants, wire
 from tfmerge.build.parse import parse_graph_def
-from tfmerge.inputs import open_input
+from tfmerge.inputs import Opened, open_path
 from tfmerge.models import ModelRejected
 
 #: Where a large constant's bytes start in the read buffer: TensorFlow feeds an array this
@@ -34,9 +34,11 @@ _HASH_ASIDE_BYTES = 4 << 20
 class GraphRead:
     """A graph file read once: its digest, its bytes and its GraphDef.
 
-    For a binary GraphDef the large constants' bytes are not in graph_def: ``payloads`` maps
-    their node names to views of ``data`` (see split_large_constants), and ``offsets`` to
-    where those bytes start in the file.
+    For a binary GraphDef the bytes of every constant that may move into ``variables/``
+    (constants.SHARD_CONSTANT_BYTES or more) are not in graph_def: ``payloads`` maps their
+    node names (wire.function_key for those in function bodies) to views of ``data``, and
+    ``offsets`` to where those bytes start in the file. quirks.prepare puts back the ones
+    that stay in the graph.
     """
 
     sha256: str
@@ -63,7 +65,8 @@ def new_buffer(size: int) -> mmap.mmap:
 
 def scratch_size(file_size: int) -> int:
     """What open_graph needs for aligned copies of a file's constants, padding included."""
-    return file_size + file_size // 1024 + 2 * _FEED_ALIGNMENT
+    most_payloads = file_size // constants.SHARD_CONSTANT_BYTES + 1
+    return file_size + _FEED_ALIGNMENT * (most_payloads + 1)
 
 
 def buffer_size(file_size: int) -> int:
@@ -72,23 +75,23 @@ def buffer_size(file_size: int) -> int:
 
 
 def read_graph(path: Path, relpath: str, max_bytes: int) -> GraphRead:
-    """Read a graph file into one new buffer, then open_graph it, the buffer's rest as scratch."""
-    fd = open_input(path, max_bytes)
-    try:
-        size = os.fstat(fd).st_size
+    """Read a graph file a person named (``tfmerge inspect``); see read_opened."""
+    return read_opened(open_path(path, max_bytes), relpath)
+
+
+def read_opened(opened: Opened, relpath: str) -> GraphRead:
+    """Read an opened graph file into one new buffer, then open_graph it, the buffer's rest
+    as scratch. Closes opened. The bytes are taken under a read lease (tfmerge.snapshot): a
+    file open for writing, or one that changes meanwhile, is refused."""
+    with opened:
+        size = opened.identity.size
         buffer = new_buffer(buffer_size(size))
         view = memoryview(buffer)
-        done = 0
-        while done < size:
-            count = os.readv(fd, [view[done:size]])
-            if not count:
-                break  # the file shrank while it was read: its sha256 says what was read
-            done += count
-    except OSError as exc:
-        raise ModelRejected("unreadable", f"cannot read: {exc.strerror or exc}") from exc
-    finally:
-        os.close(fd)
-    return open_graph(view[:done], relpath, view[done:])
+        try:
+            snapshot.read_into(opened, view)
+        except OSError as exc:
+            raise ModelRejected("unreadable", f"cannot read: {exc.strerror or exc}") from exc
+    return open_graph(view[:size], relpath, view[size:])
 
 
 def open_graph(data: memoryview, relpath: str, scratch: memoryview) -> GraphRead:
@@ -105,11 +108,15 @@ def open_graph(data: memoryview, relpath: str, scratch: memoryview) -> GraphRead
         found: list[wire.Payload] = []
         if not relpath.endswith(".pbtxt"):
             try:
-                stripped, found = wire.split_payloads(data, constants.LARGE_CONSTANT_BYTES)
+                stripped, found = wire.split_payloads(data, constants.SHARD_CONSTANT_BYTES)
             except wire.Unusual:
                 stripped, found = data, []
         graph_def = parse_graph_def(data, relpath, stripped if found else None)
         payloads = _aligned(scratch, [(p.node, data[p.start : p.stop]) for p in found])
+    except ModelRejected as exc:
+        # The bytes were read whole: a declared digest can still say they are the wrong ones.
+        exc.sha256 = digest.join()
+        raise
     finally:
         sha256 = digest.join()
     offsets = {p.node: p.start for p in found}

@@ -15,13 +15,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tfmerge import __version__
-from tfmerge.build import merge, tfcore, verify, warmup
-from tfmerge.build.check import Checked, check_kept, check_specs, release_memory
+from tfmerge import __version__, snapshot
+from tfmerge.build import merge, scopes, tfcore, verify, warmup
+from tfmerge.build.check import Checked, check_kept, check_specs, log_rejection, release_memory
 from tfmerge.build.verdicts import Verdicts
 from tfmerge.build.writer import Writer
 from tfmerge.config import Config
-from tfmerge.folders.fs import fsync_file
+from tfmerge.folders.fs import fsync_file, naming
 from tfmerge.folders.publish import MANIFEST
 from tfmerge.folders.state import Store
 from tfmerge.logs import bound_context, get_logger
@@ -43,13 +43,14 @@ def run_build(
     newest_fingerprint: str | None = None,
     raw_fingerprint: str | None = None,
 ) -> BuildResult:
+    # Inputs are copied under read leases by the writer's thread; only the main thread can keep
+    # a lease break's SIGIO from ending the process (the worker did so already at its start).
+    snapshot.ignore_lease_breaks()
     store = Store(config.state_dir)
-    writer = Writer(staging, store)
-    verdicts = Verdicts(store.verdicts, config)
+    writer = Writer(staging, store, config.frozen_dir)
+    verdicts = Verdicts(store.checks, config)
     # Copied into the state folder by the writer's thread while the ones before are checked.
-    writer.prefetch(
-        [config.frozen_dir / spec.relpath for spec in resolution.specs], config.max_model_bytes
-    )
+    writer.prefetch([spec.relpath for spec in resolution.specs], config.max_model_bytes)
     # Syncs started early, so that publishing finds the bytes on disk already; leaving the
     # block waits for them.
     aside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfmerge-fsync")
@@ -66,6 +67,10 @@ def run_build(
                 newest_fingerprint=newest_fingerprint,
                 raw_fingerprint=raw_fingerprint,
             )
+    except OSError as exc:
+        # Reads name their file; a write that names none is one into the version being built.
+        naming(exc, staging)
+        raise
     finally:
         writer.close()
 
@@ -88,7 +93,11 @@ def _run_build(
     writer.finish()
     verdicts.flush()
     checked.sort(key=lambda c: c.model.signature)
-    if raw_fingerprint is None:
+    unsettled = tuple(sorted({r.file for r in rejections if r.unsettled and r.file}))
+    if unsettled:
+        # What is on disk now is not what was built: no start-up check may take it as built.
+        raw_fingerprint = None
+    elif raw_fingerprint is None:
         digests = {c.model.relpath: c.model.sha256 for c in checked if not c.model.kept}
         raw_fingerprint = raw_fingerprint_of(config, resolution, digests)
     check_seconds = time.monotonic() - started
@@ -104,6 +113,7 @@ def _run_build(
             tuple(rejections),
             timings=timings,
             raw_fingerprint=raw_fingerprint,
+            unsettled=unsettled,
         )
     digest = fingerprint(
         ({**spec_key(c.model.spec()), "sha256": c.model.sha256} for c in checked), config
@@ -118,6 +128,7 @@ def _run_build(
             tuple(rejections),
             timings=timings,
             raw_fingerprint=raw_fingerprint,
+            unsettled=unsettled,
         )
 
     merge_started = time.monotonic()
@@ -153,6 +164,7 @@ def _run_build(
             tuple((m.signature, m.reason) for m in mismatches),
             timings,
             raw_fingerprint=raw_fingerprint,
+            unsettled=unsettled,
         )
     warmup_records = warmup.write(staging, config.serving.model_name, feeds, aliases)
     stats_record = {
@@ -178,6 +190,7 @@ def _run_build(
         timings,
         asdict(stats),
         raw_fingerprint=raw_fingerprint,
+        unsettled=unsettled,
     )
 
 
@@ -188,27 +201,35 @@ def _check_inputs(
     store = Store(config.state_dir)
     rejections = list(resolution.rejections)
     for rejection in resolution.rejections:
-        get_logger().error("model_rejected", **rejection.as_dict())
+        log_rejection(rejection)
     checked: list[Checked] = []
-    fallbacks = set(resolution.refused_signatures)
+    # Each signature that falls back, with the refusal that made it (None: not known here).
+    causes: dict[str, Rejection | None] = {
+        r.signature: r for r in resolution.rejections if r.signature is not None
+    }
+    causes.update((name, None) for name in resolution.refused_signatures if name not in causes)
     current = {spec.signature for spec in resolution.specs}
-    fallbacks.update(
-        name
-        for name, model in store.accepted().items()
-        if model.relpath in resolution.refused_files and name not in current
-    )
+    for name, model in store.accepted().items():
+        if model.relpath in resolution.refused_files and name not in current:
+            causes[name] = _file_refusal(model.relpath, resolution.rejections)
     for item in check_specs(resolution.specs, config, writer=writer, verdicts=verdicts):
         if isinstance(item, Checked):
             checked.append(item)
             continue
         rejections.append(item)
         if item.signature is not None:
-            fallbacks.add(item.signature)
-    for signature in sorted(fallbacks):
-        kept = check_kept(signature, store, config, writer, verdicts)
+            causes[item.signature] = item
+    for signature in sorted(causes.keys() - resolution.unkept):
+        kept = check_kept(signature, store, config, writer, causes[signature], verdicts)
         if kept is not None:
             checked.append(kept)
     return checked, rejections
+
+
+def _file_refusal(graph: str, rejections: Sequence[Rejection]) -> Rejection | None:
+    """The refusal of the sidecar that declared graph (NAME.toml beside NAME.pb)."""
+    stem = graph.rsplit(".", 1)[0]
+    return next((r for r in rejections if r.file == f"{stem}.toml"), None)
 
 
 def _aliases(config: Config, models: Sequence[AcceptedModel]) -> dict[str, str]:
@@ -229,6 +250,7 @@ def _aliases(config: Config, models: Sequence[AcceptedModel]) -> dict[str, str]:
 def _units(checked: Sequence[Checked], writer: Writer) -> list[merge.GraphUnit]:
     """One unit per distinct graph content: a graph several signatures use is stored once."""
     units: dict[str, merge.GraphUnit] = {}
+    scope_of = scopes.assign(item.model.signature for item in checked)
     for item in checked:
         spec = merge.SignatureSpec(item.model.signature, item.inputs, item.outputs)
         unit = units.get(item.model.sha256)
@@ -238,7 +260,7 @@ def _units(checked: Sequence[Checked], writer: Writer) -> list[merge.GraphUnit]:
                 graph_def=item.graph_def,
                 constants=writer.entries(item.model.sha256),
                 relpath=item.model.relpath,
-                scope=merge.scope_for(item.model.signature),
+                scope=scope_of[item.model.signature],
                 init_nodes=item.init_nodes,
                 signatures=[spec],
             )

@@ -1,8 +1,11 @@
 """``tfmerge smoke``: ask a live TensorFlow Serving for every signature of a published version.
 
 Each signature gets the probe input its build checked it with, recomputed from the exact bytes
-kept in the state folder, and the server's answer must equal what the source graph computes on
-it: same keys, shapes and values (NaN equal to NaN).
+kept in the state folder, and the server's answer must match what the source graph computes on
+it: same keys, dtypes and shapes; integers, booleans and strings equal, floats within the
+numeric contract (``[smoke.tolerance]``, tfmerge.tolerance). The server runs its own graph
+optimisations and perhaps oneDNN, so its floats may differ from the unoptimised source's in the
+last bits; every result reports the largest absolute and relative difference.
 
 Requests name the version explicitly, so a smoke right after a publish tests the new version,
 not whichever one the server happens to serve. TensorFlow Serving answers NOT_FOUND (404 over
@@ -12,7 +15,7 @@ final: a bad input or a broken signature fails the same way on every try.
 
 Over REST the answer is JSON, which carries no dtype: each output is converted to the dtype the
 source graph produced. TensorFlow Serving writes a float with as many digits as it needs to
-round-trip (up to 9 for float32, 17 for float64), so the values still compare exactly.
+round-trip (up to 9 for float32, 17 for float64), so JSON itself adds no difference.
 
 The requests themselves are ``predict``'s. TensorFlow, numpy and gRPC are imported inside
 the functions that need them, so importing this module stays as cheap as importing
@@ -38,6 +41,8 @@ from tfmerge.models import AcceptedModel
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from tfmerge.build.compare import Difference
 
 #: Tries per signature while the server is starting or still loading the version.
 ATTEMPTS = 5
@@ -109,7 +114,7 @@ def _smoke_version(
     try:
         for name, entry in sorted(signatures.items()):
             try:
-                seconds = _smoke_one(
+                seconds, gap = _smoke_one(
                     AcceptedModel.from_dict(entry), config, transport, sleep, patient=patient
                 )
             except CallFailed as exc:
@@ -119,10 +124,10 @@ def _smoke_version(
                 log.error("smoke_failed", signature=name, reason=exc.reason)
                 failed.append(name)
             except _Failure as exc:
-                log.error("smoke_failed", signature=name, reason=str(exc))
+                log.error("smoke_failed", signature=name, reason=str(exc), **_fields(exc.gap))
                 failed.append(name)
             else:
-                log.info("smoke_passed", signature=name, seconds=round(seconds, 4))
+                log.info("smoke_passed", signature=name, seconds=round(seconds, 4), **_fields(gap))
                 passed.append(name)
     finally:
         transport.close()
@@ -133,6 +138,17 @@ def _smoke_version(
 
 class _Failure(Exception):
     """A signature that answered wrongly, or whose source cannot be recomputed."""
+
+    def __init__(self, reason: str, gap: Difference | None = None) -> None:
+        super().__init__(reason)
+        #: How far the float answers were from the source's, when there were answers.
+        self.gap = gap
+
+
+def _fields(gap: Difference | None) -> dict[str, float]:
+    if gap is None:
+        return {}
+    return {"max_abs_diff": gap.max_abs, "max_rel_diff": gap.max_rel}
 
 
 def _usage_problem(config: Config, via: str, where: str | None, version: int | None) -> str | None:
@@ -162,9 +178,10 @@ def _smoke_one(
     sleep: Callable[[float], None],
     *,
     patient: bool,
-) -> float:
-    """Seconds from the first request to a correct answer, retries included; raises otherwise."""
-    from tfmerge.build.verify import outputs_equal
+) -> tuple[float, Difference]:
+    """Seconds from the first request to a correct answer, retries included, and how far the
+    answer's floats were from the source's; raises otherwise."""
+    from tfmerge.build.compare import Difference, difference, outputs_close
 
     log = get_logger()
     feeds, expected = _probe(model, config)
@@ -191,15 +208,17 @@ def _smoke_one(
     actual = retrying(transport.predict, model.signature, feeds, expected)
     seconds = time.monotonic() - started
     problems = []
+    gap = Difference()
     if set(actual) != set(expected):
         problems.append(f"outputs {sorted(actual)} != source outputs {sorted(expected)}")
     for key in sorted(set(actual) & set(expected)):
-        problem = outputs_equal(expected[key], actual[key])
+        gap = gap.worst(difference(expected[key], actual[key]))
+        problem = outputs_close(expected[key], actual[key], config.smoke.tolerances)
         if problem:
             problems.append(f"output {key!r}: {problem}")
     if problems:
-        raise _Failure("; ".join(problems))
-    return seconds
+        raise _Failure("; ".join(problems), gap)
+    return seconds, gap
 
 
 def _probe(

@@ -72,7 +72,7 @@ def _version() -> str:
 # ruff: noqa: E402 - these imports must follow the registration above to load alone.
 from tensorflow.core.framework import graph_pb2, tensor_pb2
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
-from tensorflow.core.protobuf.config_pb2 import ConfigProto, OptimizerOptions
+from tensorflow.core.protobuf.config_pb2 import ConfigProto, OptimizerOptions, RunOptions
 
 from tfmerge.build import dtypes
 from tfmerge.build.dtypes import make_ndarray as MakeNdarray  # noqa: N812 - TensorFlow's name
@@ -97,6 +97,7 @@ __all__ = [
     "ConfigProto",
     "MakeNdarray",
     "OptimizerOptions",
+    "RunOptions",
     "dtypes",
     "graph_pb2",
     "is_full_tensorflow_loaded",

@@ -16,7 +16,8 @@ from tfmerge.build import bundle, tfcore
 
 #: The bundle's path prefix under the version; TensorFlow Serving restores from it.
 VARIABLES_PREFIX = "variables/variables"
-_SAVER_SCOPE = "tfmerge_save"
+#: Where the restore nodes go in the merged graph; no input may use it as its scope.
+SAVER_SCOPE = "tfmerge_save"
 
 
 class Variables:
@@ -96,7 +97,7 @@ def restore_groups(writer: Variables) -> list[list[int]]:
 def add_restore(head: Any, writer: Variables, saver_def: Any) -> None:
     """The nodes the SavedModel loader runs to fill the variables from ``variables/``."""
 
-    scope = _SAVER_SCOPE
+    scope = SAVER_SCOPE
     string = tfcore.dtypes.string.as_datatype_enum
     filename = head.node.add(name=f"{scope}/filename", op="Const")
     filename.attr["dtype"].type = string

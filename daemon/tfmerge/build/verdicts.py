@@ -1,8 +1,9 @@
 """What the check of an input found, kept so that an unchanged model is not checked again.
 
 Worker side. A model's check (op policy, import, tensor types, probe run) depends only on its
-file's bytes, its declaration, the TensorFlow that runs it and the settings below. Once it
-passes, its verdict is written to ``state_dir/verdicts/``: the tensors its signature serves,
+file's bytes, its declaration, the limits it runs under, the TensorFlow that runs it and the
+settings below. Once it
+passes, its verdict is written to ``state_dir/checks/``: the tensors its signature serves,
 with their types, and the probe feeds with the outputs the source graph computed on them. A
 later build that reads the same bytes under the same declaration, TensorFlow, tfmerge and
 settings reuses that verdict instead of importing and running the graph again. The merged
@@ -10,8 +11,10 @@ model is still loaded and every signature run against those outputs (verify.py),
 saves the check of a source, never the check of what is published.
 
 The key of a verdict is a digest of everything it depends on (``key``): anything that differs
-(one byte of the file, a renamed output, another sample, ``allow_ops``, another TensorFlow) is
-another key, which is a miss. A record carries a checksum of its contents: a damaged, partly
+(one byte of the file, a renamed output, another sample, lower limits, ``allow_ops``, another
+TensorFlow) is another key, which is a miss. What does not depend on the bytes alone is checked
+on every build all the same: the declared digest, and the interface against the signature's
+last accepted one. A record carries a checksum of its contents: a damaged, partly
 written or unreadable record is a miss too, and a miss is a full check. A build writes its new
 verdicts in one pack file, not synced (folders/packs.py: a cache whose records check
 themselves loses nothing it needs in a power loss), and the verdicts of inputs no longer in
@@ -36,11 +39,12 @@ from tfmerge.build import constants, tfcore
 from tfmerge.build.probe import check_session_config
 from tfmerge.config import Config
 from tfmerge.folders.packs import Packs, Record
+from tfmerge.limits import ModelLimits
 from tfmerge.models import ModelSpec, TensorSig
 
 #: Bumped whenever the check changes what it finds for the same input: older verdicts are
 #: then misses.
-CHECK_FORMAT = 1
+CHECK_FORMAT = 2
 #: What else a verdict depends on. A module-level mapping, so that a test can stand for
 #: another TensorFlow without installing one.
 ENVIRONMENT: dict[str, str] = {
@@ -63,9 +67,9 @@ class Verdict:
     expected: dict[str, np.ndarray]
 
 
-def key(spec: ModelSpec, sha256: str, config: Config) -> str:
+def key(spec: ModelSpec, sha256: str, limits: ModelLimits, config: Config) -> str:
     """The digest of everything a model's check depends on."""
-    return _key(_settings(config), spec, sha256)
+    return _key(_settings(config), spec, sha256, limits)
 
 
 def _settings(config: Config) -> str:
@@ -77,21 +81,22 @@ def _settings(config: Config) -> str:
         "denied_ops": sorted(oppolicy.DENIED_OPS),
         "max_model_bytes": config.max_model_bytes,
         "large_constant_bytes": constants.LARGE_CONSTANT_BYTES,
+        "shard_constant_bytes": constants.SHARD_CONSTANT_BYTES,
         "session": check_session_config().SerializeToString(deterministic=True).hex(),
     }
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def _key(settings: str, spec: ModelSpec, sha256: str) -> str:
+def _key(settings: str, spec: ModelSpec, sha256: str, limits: ModelLimits) -> str:
     # Every field of the declaration, the ones to come included.
     declaration = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
-    model = {"sha256": sha256, "declaration": declaration}
+    model = {"sha256": sha256, "declaration": declaration, "limits": dataclasses.asdict(limits)}
     text = json.dumps(model, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(f"{settings}\n{text}".encode()).hexdigest()
 
 
 class Verdicts:
-    """The verdicts in one folder (``state_dir/verdicts``), for one build's config."""
+    """The verdicts in one folder (``state_dir/checks``), for one build's config."""
 
     def __init__(self, folder: Path, config: Config) -> None:
         self._packs = Packs(folder)
@@ -102,11 +107,11 @@ class Verdicts:
         self.reused = 0
         self.stored = 0
 
-    def get(self, spec: ModelSpec, sha256: str) -> Verdict | None:
+    def get(self, spec: ModelSpec, sha256: str, limits: ModelLimits) -> Verdict | None:
         """The verdict of this very check, or None (no record, or a damaged one)."""
         if self._known is None:
             self._known = self._packs.records()
-        record = self._known.get(_key(self._settings, spec, sha256))
+        record = self._known.get(_key(self._settings, spec, sha256, limits))
         if record is None:
             return None
         try:
@@ -116,9 +121,9 @@ class Verdicts:
         self.reused += 1
         return verdict
 
-    def put(self, spec: ModelSpec, sha256: str, verdict: Verdict) -> None:
+    def put(self, spec: ModelSpec, sha256: str, limits: ModelLimits, verdict: Verdict) -> None:
         body = json.dumps(_encode(verdict), separators=(",", ":")).encode()
-        self._new.append(Record(_key(self._settings, spec, sha256), sha256, body))
+        self._new.append(Record(_key(self._settings, spec, sha256, limits), sha256, body))
 
     def flush(self) -> None:
         """Write the verdicts put so far, all in one pack (folders/packs.py)."""

@@ -4,7 +4,9 @@ Worker side. The loader is TensorFlow's C++ SavedModel loader, the one TensorFlo
 (loader.load_saved_model): it restores the variables and runs the init op. Every signature is
 looked up by name in the MetaGraphDef it returns and run on the probe input its source graph
 already answered. Outputs must be identical: same dtype, same shape, same bytes (NaN equal to
-NaN). Identical kernels on identical inputs give identical results, so no tolerance is applied.
+NaN). Both sides run under the same session settings (``check_session_config``), and identical
+kernels on identical inputs give identical results, so no tolerance is applied (see
+tfmerge.tolerance for comparisons across settings).
 
 The signatures run in as few session calls as can be shared safely (plan_calls). Each distinct
 set of feeds and fetches makes TensorFlow prune a copy of the whole graph and build an executor
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from tfmerge.build import capi, loader
+from tfmerge.build.compare import outputs_equal
 from tfmerge.build.probe import check_session_config
 
 
@@ -45,26 +48,6 @@ class _Call:
 #: The source graphs of one shared call add up to at most this many bytes (one larger graph
 #: runs alone): the graphs of a call run at once, and their intermediate values add up.
 CALL_BYTES = 512 << 20
-
-
-def outputs_equal(expected: np.ndarray, actual: np.ndarray) -> str | None:
-    """None when equal; otherwise why not, in a few words."""
-    expected = np.asarray(expected)
-    actual = np.asarray(actual)
-    if expected.dtype != actual.dtype:
-        return f"dtype {actual.dtype} != source {expected.dtype}"
-    if expected.shape != actual.shape:
-        return f"shape {actual.shape} != source {expected.shape}"
-    if expected.dtype.kind in "fc":
-        equal = np.array_equal(expected, actual, equal_nan=True)
-    else:
-        equal = np.array_equal(expected, actual)
-    if not equal:
-        if expected.dtype.kind in "fc":
-            diff: float = np.nanmax(np.abs(expected.astype(np.float64) - actual.astype(np.float64)))
-            return f"values differ from the source (max abs difference {diff:.3g})"
-        return "values differ from the source"
-    return None
 
 
 def scope_of(tensor: str) -> str:

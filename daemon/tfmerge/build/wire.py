@@ -25,6 +25,20 @@ _NODE_NAME, _NODE_OP, _NODE_ATTR = 1, 2, 5
 _ENTRY_KEY, _ENTRY_VALUE = 1, 2
 _ATTR_TENSOR = 8
 _TENSOR_CONTENT = 4
+# GraphDef.library -> FunctionDefLibrary.function -> FunctionDef.node_def, and
+# FunctionDef.signature -> OpDef.name.
+_GRAPH_LIBRARY = 2
+_LIBRARY_FUNCTION = 1
+_FUNCTION_SIGNATURE, _FUNCTION_NODE = 1, 3
+_OPDEF_NAME = 1
+#: Separates a function's name from its node's in the key of a payload in a function body:
+#: a character no node name has.
+FUNCTION_KEY_SEP = "\x00"
+
+
+def function_key(function: str, node: str) -> str:
+    """The key of a large constant's payload inside a function's body."""
+    return f"{function}{FUNCTION_KEY_SEP}{node}"
 
 
 class Unusual(Exception):
@@ -154,38 +168,107 @@ def _without(buf: memoryview, outer: _Field, path: Sequence[_Field]) -> bytes:
     )
 
 
-def _name(buf: memoryview, node: _Field) -> str:
-    name = _only(_fields(buf, node.start, node.stop), _NODE_NAME)
-    if name is None:
-        raise Unusual("a node has no name")
+def _string(buf: memoryview, message: _Field, number: int, what: str) -> str:
+    found = _only(_fields(buf, message.start, message.stop), number)
+    if found is None:
+        raise Unusual(f"{what} has no name")
     try:
-        return bytes(buf[name.start : name.stop]).decode()
+        return bytes(buf[found.start : found.stop]).decode()
     except UnicodeDecodeError as exc:
-        raise Unusual("a node name is not UTF-8") from exc
+        raise Unusual(f"the name of {what} is not UTF-8") from exc
+
+
+def _name(buf: memoryview, node: _Field) -> str:
+    return _string(buf, node, _NODE_NAME, "a node")
+
+
+def _function_name(buf: memoryview, function: _Field) -> str:
+    signature = _only(_fields(buf, function.start, function.stop), _FUNCTION_SIGNATURE)
+    if signature is None:
+        raise Unusual("a function has no signature")
+    return _string(buf, signature, _OPDEF_NAME, "a function")
+
+
+def _strip_node(
+    buf: memoryview, node: _Field, threshold: int
+) -> tuple[list[bytes | memoryview], _Field] | None:
+    """A large Const node re-encoded without its tensor_content (key, length and payload),
+    and where that content is; None for any other node."""
+    path = _path_to_content(buf, node, threshold)
+    if path is None:
+        return None
+    rebuilt = _without(buf, node, path)
+    return [length_field_key(node.number, len(rebuilt)), rebuilt], path[-1]
+
+
+def _strip_library(
+    buf: memoryview, library: _Field, threshold: int, payloads: list[Payload]
+) -> bytes | None:
+    """The function library without its functions' large constants (None: it has none)."""
+    parts: list[bytes | memoryview] = []
+    done = library.start
+    for function in _fields(buf, library.start, library.stop):
+        if function.number != _LIBRARY_FUNCTION or function.stop - function.start < threshold:
+            continue
+        rebuilt: list[bytes | memoryview] = []
+        done_in_function = function.start
+        for node in _fields(buf, function.start, function.stop):
+            if node.number != _FUNCTION_NODE or node.stop - node.start < threshold:
+                continue
+            stripped = _strip_node(buf, node, threshold)
+            if stripped is None:
+                continue
+            encoded, content = stripped
+            rebuilt += [buf[done_in_function : node.header], *encoded]
+            done_in_function = node.stop
+            key = function_key(_function_name(buf, function), _name(buf, node))
+            payloads.append(Payload(key, content.start, content.stop))
+        if done_in_function == function.start:
+            continue
+        rebuilt.append(buf[done_in_function : function.stop])
+        body = b"".join(rebuilt)
+        parts += [
+            buf[done : function.header],
+            length_field_key(_LIBRARY_FUNCTION, len(body)),
+            body,
+        ]
+        done = function.stop
+    if done == library.start:
+        return None
+    parts.append(buf[done : library.stop])
+    return b"".join(parts)
 
 
 def split_payloads(data: memoryview, threshold: int) -> tuple[bytes | memoryview, list[Payload]]:
     """The GraphDef in data without the large constants' tensor_content, and where they are.
 
+    Constants of function bodies are split off too, their payloads keyed by function_key.
     Only nodes of at least ``threshold`` bytes are looked into, so the walk costs a few steps
     per node. With no large constant, data itself is returned. Raises Unusual for anything it
     does not handle.
     """
     buf = data.cast("B") if data.format != "B" else data
     parts: list[bytes | memoryview] = []
-    payloads = []
+    payloads: list[Payload] = []
     done = 0
-    for node in _fields(buf, 0, len(buf)):
-        if node.number != _GRAPH_NODE or node.stop - node.start < threshold:
+    for field in _fields(buf, 0, len(buf)):
+        if field.stop - field.start < threshold:
             continue
-        path = _path_to_content(buf, node, threshold)
-        if path is None:
+        if field.number == _GRAPH_NODE:
+            stripped = _strip_node(buf, field, threshold)
+            if stripped is None:
+                continue
+            encoded, content = stripped
+            payloads.append(Payload(_name(buf, field), content.start, content.stop))
+        elif field.number == _GRAPH_LIBRARY:
+            library = _strip_library(buf, field, threshold, payloads)
+            if library is None:
+                continue
+            encoded = [length_field_key(_GRAPH_LIBRARY, len(library)), library]
+        else:
             continue
-        rebuilt = _without(buf, node, path)
-        parts += [buf[done : node.header], length_field_key(_GRAPH_NODE, len(rebuilt)), rebuilt]
-        done = node.stop
-        content = path[-1]
-        payloads.append(Payload(_name(buf, node), content.start, content.stop))
+        parts += [buf[done : field.header], *encoded]
+        done = field.stop
     if not payloads:
         return data, []
     if len({p.node for p in payloads}) != len(payloads):

@@ -1,12 +1,16 @@
 """A build's inputs, copied once into the state folder; the version's data, linked to them.
 
 Every input a build checks is first copied into ``state_dir`` (for the day its next upload is
-refused), by a thread that runs ahead of the checks, with the kernel's copy. The check then
+refused), by a thread that runs ahead of the checks, with the kernel's copy, opened through
+``frozen_dir``'s descriptor and taken under a read lease (tfmerge.inputs, tfmerge.snapshot): a
+file still being written, or one that changes meanwhile, is refused and its copy dropped. The
+check then
 reads the copy, mapped into memory, not the upload: what is hashed and checked is exactly
 what is kept, and no buffer has to wait for a write to finish before the next file is read.
-An input under 1 MiB is read into memory instead, and written to ``state_dir`` from there
-only if no blob holds its bytes yet: for a small file, creating a copy costs more than the
-read, and in a build of many models most inputs are unchanged.
+An input under 1 MiB is read into memory instead (under the same lease and identity check),
+and written to ``state_dir`` from there only if no blob holds its bytes yet: for a small file,
+creating a copy costs more than the read, and in a build of many models most inputs are
+unchanged.
 
 When most of an input's bytes are its large constants, that same file is also the data shard
 of those constants in the version being built: it is hard-linked into ``variables/`` (copied
@@ -28,11 +32,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from tfmerge import snapshot
 from tfmerge.build import bundle, reading
 from tfmerge.build.variables import VARIABLES_PREFIX
-from tfmerge.folders.fs import PendingFile, write_all
+from tfmerge.folders.fs import PendingFile, naming, write_all
 from tfmerge.folders.state import Store
-from tfmerge.inputs import open_input
+from tfmerge.inputs import FrozenDir, open_kept
+from tfmerge.logs import get_logger
 from tfmerge.models import LargeConstant, ModelRejected
 
 #: An input is its constants' shard when they are at least this share of its bytes, so that a
@@ -44,8 +50,8 @@ _NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOT
 _AHEAD = 2
 #: Inputs below this size are read into memory rather than copied file to file.
 _READ_BELOW = 1 << 20
-# Linux copies at most about 2 GiB per copy_file_range call.
-_COPY_CHUNK = 1 << 30
+#: Why no read lease could be taken, said once per process (a setting, not an input).
+_LEASE_WARNED: set[str] = set()
 
 
 @dataclass(eq=False)
@@ -71,14 +77,15 @@ class _Input:
 class Writer:
     """Keeps inputs in the state folder and gives export_dir's variables/ their data."""
 
-    def __init__(self, export_dir: Path, store: Store) -> None:
+    def __init__(self, export_dir: Path, store: Store, frozen_dir: Path) -> None:
         self._store = store
+        self._frozen = FrozenDir(frozen_dir)
         self._prefix = export_dir / VARIABLES_PREFIX
         self._data = bundle.DataWriter(self._prefix)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfmerge-writer")
         self._sync = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfmerge-sync")
-        self._copies: dict[Path, Future[PendingFile | bytearray]] = {}
-        self._queued: list[Path] = []
+        self._copies: dict[str, Future[tuple[PendingFile | bytearray, snapshot.Taken]]] = {}
+        self._queued: list[str] = []
         self._max_bytes = 0
         self._jobs: list[Future[None]] = []
         self._syncs: list[Future[None]] = []
@@ -93,57 +100,63 @@ class Writer:
         self._link = True
         self._finished = False
 
-    def prefetch(self, paths: Sequence[Path], max_bytes: int) -> None:
-        """Copy these inputs into the state folder, in this order, a few ahead of read.
+    def prefetch(self, relpaths: Sequence[str], max_bytes: int) -> None:
+        """Copy these inputs (relative to frozen_dir) into the state folder, in this order, a
+        few ahead of read.
 
         At most _AHEAD copies wait for their check, each with its file open: a build of a
         thousand models must not run out of file descriptors or fill the page cache early.
         """
-        self._queued.extend(paths)
+        self._queued.extend(relpaths)
         self._max_bytes = max_bytes
         self._copy_ahead()
 
     def _copy_ahead(self) -> None:
         while self._queued and len(self._copies) < _AHEAD:
-            path = self._queued.pop(0)
-            if path not in self._copies:
-                self._copies[path] = self._pool.submit(self._copy_in, path, self._max_bytes)
+            relpath = self._queued.pop(0)
+            if relpath not in self._copies:
+                self._copies[relpath] = self._pool.submit(self._copy_in, relpath, self._max_bytes)
 
-    def _copy_in(self, path: Path, max_bytes: int) -> PendingFile | bytearray:
-        source = open_input(path, max_bytes)
-        try:
-            size = os.fstat(source).st_size
+    def _copy_in(
+        self, relpath: str, max_bytes: int
+    ) -> tuple[PendingFile | bytearray, snapshot.Taken]:
+        with self._frozen.open(relpath, max_bytes) as opened:
+            size = opened.identity.size
             if size < _READ_BELOW:
                 # Creating a file costs more than reading a small one, and an unchanged input
                 # (most of them, in a build of many models) needs no new copy at all.
-                return _read_all(source, size)
+                buffer = bytearray(size)
+                return buffer, snapshot.read_into(opened, memoryview(buffer))
             pending = self._store.start_blob()
             try:
-                _copy(source, pending.fd)
+                taken = snapshot.copy(opened, pending.fd)
+            except OSError as exc:
+                pending.discard()
+                raise naming(exc, pending.path) from None
             except BaseException:
                 pending.discard()
                 raise
-            return pending
-        finally:
-            os.close(source)
+            return pending, taken
 
     def read(self, path: Path, relpath: str, max_bytes: int, *, kept: bool) -> reading.GraphRead:
-        """Check-ready bytes of an input: its fresh copy in the state folder, or (kept) its blob.
+        """Check-ready bytes of an input: its fresh copy in the state folder (relpath, inside
+        frozen_dir), or (kept) its blob at path.
 
         Every read must end in accept or reject.
         """
         if kept:
             pending = None
-            fd = open_input(path, max_bytes)
+            fd = open_kept(path, max_bytes)
         else:
-            if path not in self._copies:
+            if relpath not in self._copies:
                 # Not copied ahead (read out of the prefetch order): copied now.
-                if path in self._queued:
-                    self._queued.remove(path)
-                self._copies[path] = self._pool.submit(self._copy_in, path, max_bytes)
-            copy = self._copies.pop(path)
+                if relpath in self._queued:
+                    self._queued.remove(relpath)
+                self._copies[relpath] = self._pool.submit(self._copy_in, relpath, max_bytes)
+            copy = self._copies.pop(relpath)
             self._copy_ahead()
-            copied = copy.result()
+            copied, taken = copy.result()
+            _warn_without_lease(relpath, taken)
             if isinstance(copied, bytearray):
                 return self._open_read(memoryview(copied), path, relpath, None, in_memory=True)
             pending = copied
@@ -246,6 +259,9 @@ class Writer:
             copy = self._store.start_blob()
             try:
                 write_all(copy.fd, data)
+            except OSError as exc:
+                copy.discard()
+                raise naming(exc, copy.path) from None
             except BaseException:
                 copy.discard()
                 raise
@@ -333,10 +349,11 @@ class Writer:
         self._pool.shutdown(wait=True, cancel_futures=True)
         for copy in self._copies.values():
             if not copy.cancelled() and copy.exception() is None:
-                copied = copy.result()
+                copied = copy.result()[0]
                 if isinstance(copied, PendingFile):
                     copied.discard()
         self._copies.clear()
+        self._frozen.close()
         for opened in self._open.values():
             if opened.pending is not None:
                 opened.pending.discard()
@@ -350,32 +367,20 @@ class Writer:
             job.result()
 
 
-def _copy(source: int, target: int) -> None:
-    """The rest of source into target, by the kernel (no copy through this process)."""
-    try:
-        while os.copy_file_range(source, target, _COPY_CHUNK):
-            pass
-    except OSError as exc:
-        # Two file systems copy_file_range cannot bridge: sendfile can, from where it stopped.
-        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise
-        while os.sendfile(target, source, None, _COPY_CHUNK):
-            pass
-
-
-def _read_all(fd: int, size: int) -> bytearray:
-    """The file's bytes (those there are, should it shrink while it is read)."""
-    buffer = bytearray(size)
-    view = memoryview(buffer)
-    done = 0
-    while done < size:
-        count = os.readv(fd, [view[done:]])
-        if not count:
-            break
-        done += count
-    del view
-    del buffer[done:]
-    return buffer
+def _warn_without_lease(relpath: str, taken: snapshot.Taken) -> None:
+    """Say once per process that inputs are read without a lease, and why."""
+    problem = taken.lease_problem
+    if problem is None or problem in _LEASE_WARNED:
+        return
+    _LEASE_WARNED.add(problem)
+    get_logger().warning(
+        "input_lease_unavailable",
+        file=relpath,
+        errno=problem,
+        reason="no read lease on inputs: a file still open for writing is told only by its "
+        "size and times (EACCES: give the service CAP_LEASE; EINVAL: the file system has no "
+        "leases)",
+    )
 
 
 def _mapped(fd: int) -> memoryview:

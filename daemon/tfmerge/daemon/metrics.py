@@ -8,9 +8,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from tfmerge.folders import publish
+from tfmerge.logs import get_logger
 
 _SECONDS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 
@@ -59,6 +63,15 @@ class Metrics:
         )
         self._server: Any = None
         self._thread: threading.Thread | None = None
+
+    def start(self, listen: str, serving_dir: Path) -> None:
+        """Serve at listen, showing what serving_dir serves until the first build says more."""
+        self.serve(listen)
+        newest = publish.newest(serving_dir)
+        if newest is not None:
+            signatures = publish.read_manifest(newest[1]).get("signatures", {})
+            self.serving(newest[0], len(signatures))
+        get_logger().info("metrics_listening", listen=listen)
 
     def serve(self, listen: str) -> None:
         host, _, port = listen.rpartition(":")

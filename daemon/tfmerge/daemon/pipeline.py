@@ -6,7 +6,6 @@ The TensorFlow part (``tfmerge.build.run_build``) is passed in as a callable, so
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -139,18 +138,20 @@ def _run_once(
     log.info("build_started", trigger=trigger, models=len(resolution.specs), newest=newest_version)
     if skip_unchanged_files and raw == manifest.get("raw_fingerprint") and raw:
         return _unchanged_files(build_id, store, newest_version, manifest, started)
-    staging = publish.staging_path(config.serving_dir, build_id)
+    for name in publish.remove_stale_staging(config.serving_dir, config.state_dir):
+        log.info("staging_removed", path=str(config.serving_dir / name))
+    staging = publish.Staging.create(config.serving_dir, config.state_dir, build_id)
     try:
         result = runner(
             config,
             resolution,
-            staging,
+            staging.path,
             build_id,
             newest_fingerprint=manifest.get("fingerprint"),
             raw_fingerprint=raw,
         )
         outcome, version, fields = _conclude(
-            config, store, staging, result, newest_version, wait=wait or _sleep
+            config, store, staging.path, result, newest_version, wait=wait or _sleep
         )
         if _lacks_default(config, result, warn=warn_no_default):
             fields["no_default_signature"] = True
@@ -158,6 +159,15 @@ def _run_once(
         if settle_seconds is not None:
             durations["settle"] = round(settle_seconds, 4)
         durations["total"] = round(time.monotonic() - started, 4)
+        if result.unsettled:
+            # Files not at rest were not built as they are now: the next start must build.
+            raw = None
+            fields["unsettled"] = list(result.unsettled)
+            log.info(
+                "inputs_unsettled",
+                files=list(result.unsettled),
+                reason="still being written or changed while read; built again once at rest",
+            )
         store.record_last_build(
             {
                 "raw_fingerprint": raw or result.raw_fingerprint,
@@ -178,12 +188,12 @@ def _run_once(
         )
         raise
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        staging.close()
     rejected = len(result.rejections)
     clean = outcome in ("published", "unchanged") and not rejected and fields.get("live", True)
     summary = {k: v for k, v in fields.items() if k != "published_at"}
-    shown = version if outcome == "published" else newest_version
+    # Not published: the newest version stays, which a concurrent build may have published.
+    shown = version if outcome == "published" else (newest_manifest(config)[0] or newest_version)
     (log.info if clean else log.warning)(
         "build_finished", outcome=outcome, version=shown, **summary
     )
@@ -202,25 +212,39 @@ def _conclude(
     """Publish a built result (and follow it), or say why nothing is published."""
     durations = dict(result.timings)
     version: int | None = None
+    outcome: str = result.outcome
+    fields: dict[str, Any] = {}
     if result.outcome == "built":
         changes = _changes(store.accepted(), result.models)
-        fields: dict[str, Any] = dict(changes)
         publish_started = time.monotonic()
-        version = _publish(config, store, staging, result, changes)
-        fields["published_at"] = time.monotonic()
-        durations["publish"] = round(fields["published_at"] - publish_started, 4)
-        if config.serving.rest_url:
-            fields.update(live.follow(config, version, wait))
+        try:
+            version = _publish(config, store, staging, result, changes)
+        except publish.AlreadyPublished as exc:
+            # Another build of the same inputs got the publish lock first.
+            get_logger().info(
+                "build_unchanged",
+                version=exc.version,
+                fingerprint=result.fingerprint,
+                reason="a concurrent build published these inputs first",
+            )
+            outcome = "unchanged"
+        else:
+            outcome = "published"
+            fields = dict(changes)
+            fields["published_at"] = time.monotonic()
+            durations["publish"] = round(fields["published_at"] - publish_started, 4)
+            if config.serving.rest_url:
+                fields.update(live.follow(config, version, wait))
     else:
+        _log_unpublished(result, newest_version)
+    if outcome != "published":
         # Nothing was published, so nothing was added, updated or removed.
         kept = sorted(m.signature for m in result.models if m.kept)
         fields = {"added": [], "updated": [], "kept": kept, "removed": []}
-        _log_unpublished(result, newest_version)
     store.record_rejections(result.rejections)
     fields["rejected"] = [r.as_dict() for r in result.rejections]
     fields["durations"] = durations
     fields["signatures"] = len(result.models)
-    outcome = "published" if result.outcome == "built" else result.outcome
     return outcome, version, fields
 
 
@@ -292,6 +316,7 @@ def _publish(
         models=result.models,
         new_signatures=changes["added"],
         message=_message(changes),
+        fingerprint=result.fingerprint,
     )
     log = get_logger()
     log.info(

@@ -19,10 +19,16 @@ Translation and filtering only; when a batch is ready is :mod:`tfmerge.daemon.de
   as ``Change(path=<the absolute path, as a str>, kind=...)``. Editors save by rename,
   so a ``moved_in`` or ``created`` of the name is a new version of the file.
 
-Limits inherited from inotify and watchdog 6: a folder moved in from outside the tree
-gets its files reported but no watch of its own, so later writes inside it go unseen
-until the watcher restarts; a folder moved out of the tree reports nothing for the files
-it held; an overflow of the kernel's event queue is dropped silently.
+Where inotify and watchdog 6 go deaf, :meth:`FolderWatcher.problem` says so, and the daemon
+(:mod:`tfmerge.daemon.health`) makes a new watcher and rescans the tree:
+
+* the root removed (``rm -rf``): watchdog reports it and ends its reading thread;
+* the root renamed away and another folder made in its place: inotify follows the inode, so
+  the old folder stays watched; told by the root's (device, inode);
+* a folder moved in from outside the tree gets its files reported but no watch of its own
+  (later writes inside it would go unseen), and a folder moved out keeps its watch;
+* the kernel's event queue overflowing drops events (counted by
+  :mod:`tfmerge.daemon.overflow`, since watchdog drops the overflow record too).
 
 ``on_change`` runs on watchdog's observer thread and must not raise: an exception
 ends that thread, and with it every later event.
@@ -34,9 +40,11 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Protocol, Self
 
 from watchdog.events import (
+    DirDeletedEvent,
+    DirMovedEvent,
     FileClosedEvent,
     FileCreatedEvent,
     FileDeletedEvent,
@@ -45,10 +53,38 @@ from watchdog.events import (
 )
 from watchdog.observers.inotify import InotifyObserver
 
+from tfmerge.daemon import overflow
 from tfmerge.daemon.debounce import Change, ChangeKind
 from tfmerge.inputs import is_input_path
 
 OnChange = Callable[[Change], None]
+
+
+class Watcher(Protocol):
+    """The one seam between the daemon and the operating system's file notification."""
+
+    def start(self) -> None:
+        """Start reporting changes to the ``on_change`` the watcher was made with."""
+        ...
+
+    def stop(self) -> None:
+        """Stop reporting; no ``on_change`` call runs once this returns."""
+        ...
+
+    def problem(self) -> str | None:
+        """Why changes may have gone unreported since the start (the watcher is then to be
+        replaced, and the tree rescanned), or None. Cheap: a stat and a few flags."""
+        ...
+
+
+class WatcherFactory(Protocol):
+    """Makes a watcher of ``root`` (recursively) and of the single files ``also_watch``;
+    :class:`FolderWatcher` is one."""
+
+    def __call__(
+        self, root: Path, on_change: OnChange, *, also_watch: Sequence[Path] = ...
+    ) -> Watcher: ...
+
 
 _KIND_OF_EVENT: Final[Mapping[type[Any], ChangeKind]] = {
     FileCreatedEvent: "created",
@@ -57,19 +93,38 @@ _KIND_OF_EVENT: Final[Mapping[type[Any], ChangeKind]] = {
     FileDeletedEvent: "deleted",
 }
 # watchdog turns this list into the inotify mask: without FileOpenedEvent and
-# FileClosedNoWriteEvent the kernel does not queue the worker's reads at all.
-_EVENT_FILTER: Final = [*_KIND_OF_EVENT, FileMovedEvent]
+# FileClosedNoWriteEvent the kernel does not queue the worker's reads at all. The two folder
+# events add nothing to the mask (IN_DELETE, IN_MOVE are there for the file events).
+_EVENT_FILTER: Final = [*_KIND_OF_EVENT, FileMovedEvent, DirDeletedEvent, DirMovedEvent]
 
 
 class _Translator:
     """A watchdog event handler: ``name_for`` maps a path watchdog reports to the path
     of the Change, or to None when the path is not to be reported."""
 
-    def __init__(self, name_for: Callable[[str], str | None], on_change: OnChange) -> None:
+    def __init__(
+        self,
+        name_for: Callable[[str], str | None],
+        on_change: OnChange,
+        *,
+        root: str | None = None,
+        on_problem: Callable[[str], None] = lambda problem: None,
+    ) -> None:
         self._name_for = name_for
         self._on_change = on_change
+        self._root = root
+        self._on_problem = on_problem
 
     def dispatch(self, event: Any) -> None:
+        if isinstance(event, DirDeletedEvent):
+            if os.fsdecode(event.src_path) == self._root:
+                self._on_problem("frozen_dir was removed")
+            return
+        if isinstance(event, DirMovedEvent):
+            # Full events: an end outside the tree is "". Renames inside it are followed.
+            if self._root is not None and not (event.src_path and event.dest_path):
+                self._on_problem("a folder was moved into or out of frozen_dir")
+            return
         if isinstance(event, FileMovedEvent):
             # With full events an end outside the watched folder is "".
             self._report(event.src_path, "moved_out")
@@ -103,12 +158,21 @@ class FolderWatcher:
     """Reports changes to the inputs under ``root`` (recursively) and to ``also_watch``."""
 
     def __init__(self, root: Path, on_change: OnChange, *, also_watch: Sequence[Path] = ()) -> None:
+        overflow.install()
         self.root = root.resolve()
+        self._problems: list[str] = []
+        self._identity: tuple[int, int] | None = None
+        self._overflows = overflow.count()
         # Full events: a file moved in from outside the tree is reported as a move
         # (moved_in), not dressed up as a creation.
         self._observer: Any = InotifyObserver(generate_full_events=True)
         self._observer.schedule(
-            _Translator(_input_under(str(self.root)), on_change),
+            _Translator(
+                _input_under(str(self.root)),
+                on_change,
+                root=str(self.root),
+                on_problem=self._problems.append,
+            ),
             str(self.root),
             recursive=True,
             event_filter=_EVENT_FILTER,
@@ -118,6 +182,8 @@ class FolderWatcher:
         for file in also_watch:
             absolute = file.absolute()
             folder = absolute.parent.resolve()
+            if not folder.is_dir():
+                continue  # a file whose folder is gone has nothing to report
             by_folder.setdefault(str(folder), {})[str(folder / absolute.name)] = str(absolute)
         self._folders = [str(self.root), *by_folder]
         for folder_path, names in by_folder.items():
@@ -134,6 +200,9 @@ class FolderWatcher:
         Raises OSError when a folder is missing or the inotify watch limit is reached.
         """
         try:
+            self._overflows = overflow.count()
+            st = os.stat(self.root)
+            self._identity = (st.st_dev, st.st_ino)
             self._observer.start()
         except BaseException as err:
             # Emitters already started for other folders must not outlive the failure.
@@ -149,6 +218,24 @@ class FolderWatcher:
         if self._observer.is_alive():
             self._observer.stop()
             self._observer.join()
+
+    def problem(self) -> str | None:
+        """Why changes may have gone unreported since :meth:`start`, or None."""
+        if self._problems:
+            return self._problems[0]
+        if not self._observer.is_alive() or not all(
+            emitter.is_alive() for emitter in self._observer.emitters
+        ):
+            return "the watcher's thread ended"
+        try:
+            st = os.stat(self.root)
+        except OSError:
+            return "frozen_dir is missing"
+        if (st.st_dev, st.st_ino) != self._identity:
+            return "frozen_dir was replaced by another folder"
+        if overflow.count() != self._overflows:
+            return "the kernel's inotify event queue overflowed"
+        return None
 
     def __enter__(self) -> Self:
         self.start()

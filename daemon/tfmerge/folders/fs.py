@@ -133,6 +133,14 @@ class InstanceLock:
 # --- durable writes ------------------------------------------------------------------
 
 
+def naming(error: OSError, path: Path) -> OSError:
+    """The error, naming path if it names none: a call on a descriptor (write, fsync) names
+    no file, and a full or failing disk must be reported with the path it failed on."""
+    if error.filename is None:
+        error.filename = str(path)
+    return error
+
+
 def fsync_dir(path: Path) -> None:
     """Make a folder's entries (a rename, a new name) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -141,7 +149,7 @@ def fsync_dir(path: Path) -> None:
     except OSError as exc:
         # Some file systems (some network and FUSE ones) cannot sync a directory at all.
         if exc.errno != errno.EINVAL:
-            raise
+            raise naming(exc, path) from None
     finally:
         os.close(fd)
 
@@ -152,6 +160,9 @@ def atomic_write(path: Path, data: bytes | memoryview) -> None:
     pending = PendingFile.start(path.parent, f".{path.name}.")
     try:
         write_all(pending.fd, data)
+    except OSError as exc:
+        pending.discard()
+        raise naming(exc, pending.path) from None
     except BaseException:
         pending.discard()
         raise
@@ -181,6 +192,8 @@ def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        raise naming(exc, path) from None
     finally:
         os.close(fd)
 
@@ -223,6 +236,9 @@ class PendingFile:
         """
         try:
             os.fsync(self.fd)
+        except OSError as exc:
+            self.discard()
+            raise naming(exc, self.path) from None
         except BaseException:
             self.discard()
             raise
@@ -240,6 +256,21 @@ class PendingFile:
             os.close(self.fd)
             self.fd = -1
         self.path.unlink(missing_ok=True)
+
+
+def lock_folder(path: Path) -> int:
+    """Lock a folder (flock on a descriptor of it) for as long as the descriptor is open.
+
+    Raises BlockingIOError when another open descriptor holds it. The lock follows the folder
+    through a rename, and the kernel drops it when its holder dies, however it dies.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 @contextlib.contextmanager

@@ -4,12 +4,13 @@ Layout (all written atomically: temporary file, fsync, rename, fsync of the fold
 
     state_dir/blobs/<sha256><.pb|.pbtxt>   exact bytes of every checked input (content-addressed;
                                            hard-linked into versions as their variables' data)
-    state_dir/verdicts/*.pack              what the checks of inputs found (build/verdicts.py)
+    state_dir/checks/*.pack                what the checks of inputs found (build/verdicts.py)
     state_dir/accepted.json                signature -> AcceptedModel, as last published
     state_dir/rejected.json                the inputs refused by the last build
     state_dir/last_build.json              fingerprint of what the last build saw on disk
     state_dir/hold.json                    set by rollback: do not rebuild these inputs
     state_dir/live.json                    the last version TensorFlow Serving reported live
+    state_dir/verdicts.json                refusals remembered by input and declaration
     state_dir/failed/<N>                   versions moved out of the serving folder
     state_dir/tfmerge.lock                 held by the running daemon (one per state folder)
     state_dir/publish.lock                 held while a version is renamed into place
@@ -29,6 +30,9 @@ from typing import Any
 from tfmerge.folders.fs import PendingFile, atomic_write
 from tfmerge.folders.packs import Packs
 from tfmerge.models import AcceptedModel, Rejection
+
+#: How many remembered refusals state_dir keeps, the most recent ones.
+_VERDICTS_KEPT = 256
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -53,7 +57,7 @@ class Store:
     def __init__(self, state_dir: Path) -> None:
         self.root = state_dir
         self.blobs = state_dir / "blobs"
-        self.verdicts = state_dir / "verdicts"
+        self.checks = state_dir / "checks"
 
     def blob_path(self, sha256: str, suffix: str) -> Path:
         return self.blobs / f"{sha256}{suffix}"
@@ -86,6 +90,22 @@ class Store:
 
     def record_rejections(self, rejections: Iterable[Rejection]) -> None:
         write_json(self.root / "rejected.json", [r.as_dict() for r in rejections])
+
+    def verdict(self, key: str) -> dict[str, Any] | None:
+        """The refusal remembered under key (tfmerge.limits.verdict_key), if any."""
+        value = read_json(self.root / "verdicts.json", {})
+        found = value.get(key) if isinstance(value, dict) else None
+        return found if isinstance(found, dict) else None
+
+    def record_verdict(self, key: str, record: Mapping[str, Any]) -> None:
+        value = read_json(self.root / "verdicts.json", {})
+        verdicts: dict[str, Any] = value if isinstance(value, dict) else {}
+        verdicts[key] = dict(record)
+        if len(verdicts) > _VERDICTS_KEPT:
+            # Inputs that were replaced long ago: their verdicts are never asked for again.
+            newest = sorted(verdicts, key=lambda k: verdicts[k].get("recorded", 0))
+            verdicts = {k: verdicts[k] for k in newest[-_VERDICTS_KEPT:]}
+        write_json(self.root / "verdicts.json", verdicts)
 
     def last_build(self) -> dict[str, Any]:
         value: dict[str, Any] = read_json(self.root / "last_build.json", {})
@@ -129,7 +149,7 @@ class Store:
                 if blob.name.split(".", 1)[0] not in keep:
                     blob.unlink(missing_ok=True)
                     removed.append(blob.name)
-        Packs(self.verdicts).prune(keep)
+        Packs(self.checks).prune(keep)
         return removed
 
 

@@ -277,8 +277,8 @@ def test_scopes_are_valid_distinct_and_never_tfmerge_s_own(signatures: set[str])
 
 
 def test_readable_signatures_keep_their_name() -> None:
-    assigned = scopes.assign(["hyaudio_1", "my model (v2)"])
-    assert assigned["hyaudio_1"] == "hyaudio_1"
+    assigned = scopes.assign(["speech_1", "my model (v2)"])
+    assert assigned["speech_1"] == "speech_1"
     assert assigned["my model (v2)"].startswith("my_model__v2__")
 
 

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from tfmerge import __version__
-from tfmerge.config import CheckLimits, Config, limits_over
+from tfmerge.config import Config
+from tfmerge.declarations import CheckLimits, limits_over
 from tfmerge.models import ModelSpec, Rejection
 from tfmerge.specs import spec_key
 

@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from tfmerge import snapshot
-from tfmerge.config import Config, ModelDecl, Problem, parse_models, signature_problem
+from tfmerge.config import Config
+from tfmerge.declarations import ModelDecl, parse_models, signature_problem
 from tfmerge.digests import digest_file_of, graph_of, parse_digest_file
 from tfmerge.inputs import DIGEST_SUFFIX, SIDECAR_SUFFIX, FrozenDir, is_input_path
 from tfmerge.inputs import MODEL_SUFFIXES as _SUFFIXES
 from tfmerge.models import ModelRejected, ModelSpec, Rejection
+from tfmerge.tomltable import Problem
 
 #: Binary first: NAME.pb wins over NAME.pbtxt when a sidecar could mean either.
 MODEL_SUFFIXES = tuple(sorted(_SUFFIXES))

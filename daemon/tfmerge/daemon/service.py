@@ -14,7 +14,6 @@ workers and a fake clock, and step the loop without real time.
 from __future__ import annotations
 
 import collections
-import math
 import os
 import signal
 import time
@@ -29,7 +28,7 @@ from tfmerge.daemon.health import WatchKeeper
 from tfmerge.daemon.metrics import Metrics
 from tfmerge.daemon.notify import Notifier
 from tfmerge.daemon.runner import RunnerFactory, Supervision, WorkerRunner
-from tfmerge.daemon.wakeup import Restore, WakeupPipe
+from tfmerge.daemon.wakeup import Pacer, Restore, WaitForWakeup, WakeupPipe
 from tfmerge.daemon.watch import FolderWatcher, WatcherFactory
 from tfmerge.daemon.worker import BuildAborted, WorkerError
 from tfmerge.daemon.writers import LeaseProbe
@@ -39,8 +38,6 @@ from tfmerge.folders.fs import AlreadyRunning, InstanceLock
 from tfmerge.folders.state import Store
 from tfmerge.logs import get_logger
 
-#: Returns at the next wake-up or after the given seconds (None: no limit).
-WaitForWakeup = Callable[[float | None], None]
 #: Is frozen_dir/relpath open for writing? None: the kernel cannot tell.
 WritingProbe = Callable[[Path, str], bool | None]
 
@@ -73,7 +70,12 @@ class Daemon:
         self.log = get_logger()
         self._changes: collections.deque[Change] = collections.deque()
         self._wakeup = WakeupPipe()
-        self._wait_for_wakeup = wait if wait is not None else self._wakeup.wait
+        self._pacer = Pacer(
+            notifier,
+            clock,
+            wait if wait is not None else self._wakeup.wait,
+            stopping=lambda: self.stopping,
+        )
         self._stop_requests = 0
         self._reloads = reload.ReloadRequests(config.path)
         self._writing = writers()
@@ -86,7 +88,6 @@ class Daemon:
                 on_wait=self._on_build_wait,
             )
         )
-        self._last_ping = -math.inf
         self.serving_version: int | None = None
         self._warned_no_default = False
         self.metrics = Metrics() if config.metrics.listen else None
@@ -160,7 +161,7 @@ class Daemon:
 
     def _step(self) -> None:
         """One turn of the loop: take the changes in, then build, reload or sleep."""
-        self._ping_watchdog()
+        self._pacer.ping()
         if self._reloads.requested:
             self._reload()
         now = self.clock()
@@ -179,44 +180,18 @@ class Daemon:
             self._settled(flush, now)
             return
         deadlines = [self._debouncer.next_deadline(), self._reloads.due, self._keeper.next_check]
-        self._sleep_until(min(d for d in deadlines if d is not None))
-
-    def _sleep_until(self, deadline: float | None) -> None:
-        if self.notifier.watchdog_interval is not None:
-            # Wake for the next ping, whatever woke the loop since the last one.
-            ping = self._last_ping + self.notifier.watchdog_interval
-            deadline = ping if deadline is None else min(deadline, ping)
-        timeout = None if deadline in (None, math.inf) else max(0.0, deadline - self.clock())
-        self._wait_for_wakeup(timeout)
+        self._pacer.sleep_until(min(d for d in deadlines if d is not None))
 
     def _wait(self, seconds: float) -> bool:
         """Sleep, cut short by a stop request; False when the daemon is stopping."""
-        self._interruptible_sleep(seconds)
+        self._pacer.sleep(seconds)
         return not self.stopping
-
-    def _interruptible_sleep(self, seconds: float) -> None:
-        """Sleep (pinging the watchdog); a stop request cuts it short."""
-        deadline = self.clock() + seconds
-        while not self.stopping and self.clock() < deadline:
-            self._ping_watchdog()
-            limit = deadline - self.clock()
-            interval = self.notifier.watchdog_interval
-            self._wait_for_wakeup(max(0.0, min(limit, interval or limit)))
 
     def _backoff(self, seconds: float) -> None:
         """The sleep between two tries of a build; a stop request ends it and the retries."""
-        self._interruptible_sleep(seconds)
+        self._pacer.sleep(seconds)
         if self.stopping:
             raise BuildAborted("the daemon is stopping")
-
-    def _ping_watchdog(self) -> None:
-        interval = self.notifier.watchdog_interval
-        if interval is None:
-            return
-        now = self.clock()
-        if now - self._last_ping >= interval * 0.9:
-            self.notifier.watchdog()
-            self._last_ping = now
 
     def _new_debouncer(self) -> Debouncer:
         watch, probe = self.config.watch, self._writing
@@ -330,7 +305,7 @@ class Daemon:
         return False
 
     def _on_build_wait(self) -> float | None:
-        self._ping_watchdog()
+        self._pacer.ping()
         return self.notifier.watchdog_interval
 
     # --- reload and shutdown --------------------------------------------------------------

@@ -4,16 +4,24 @@ One pipe: the watchdog observer thread, a stop request and, through ``signal.set
 every signal write a byte to it; the loop waits in ``select`` until a byte or its next
 deadline comes, so an idle daemon uses no CPU. Signal handlers only set flags: Python runs
 them in the main thread between two bytecodes, and the loop does the work once awake.
+
+Every sleep of the loop goes through :class:`Pacer`, which also pings the systemd watchdog
+on time, however long the loop sleeps.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import select
 import signal
 from collections.abc import Callable
 
+from tfmerge.daemon.notify import Notifier
+
+#: Returns at the next wake-up or after the given seconds (None: no limit).
+WaitForWakeup = Callable[[float | None], None]
 #: Puts back the signal handlers and the wake-up fd that were in force before.
 Restore = Callable[[], None]
 
@@ -74,3 +82,54 @@ def drain(fd: int) -> None:
             pass
     except BlockingIOError:
         pass
+
+
+class Pacer:
+    """The loop's sleeps, with the watchdog pinged through them.
+
+    ``clock`` gives monotonic seconds, ``wait`` returns at the next wake-up or after the
+    seconds given; both are injected, so tests step the loop on a fake clock. ``stopping``
+    says whether a stop was requested, which cuts a sleep short.
+    """
+
+    def __init__(
+        self,
+        notifier: Notifier,
+        clock: Callable[[], float],
+        wait: WaitForWakeup,
+        *,
+        stopping: Callable[[], bool],
+    ) -> None:
+        self._notifier = notifier
+        self._clock = clock
+        self._wait = wait
+        self._stopping = stopping
+        self._last_ping = -math.inf
+
+    def ping(self) -> None:
+        """Ping the watchdog when its interval has (all but) passed since the last ping."""
+        interval = self._notifier.watchdog_interval
+        if interval is None:
+            return
+        now = self._clock()
+        if now - self._last_ping >= interval * 0.9:
+            self._notifier.watchdog()
+            self._last_ping = now
+
+    def sleep_until(self, deadline: float | None) -> None:
+        """Until ``deadline`` (None or infinity: no limit), a wake-up, or the next ping due."""
+        if self._notifier.watchdog_interval is not None:
+            # Wake for the next ping, whatever woke the loop since the last one.
+            ping = self._last_ping + self._notifier.watchdog_interval
+            deadline = ping if deadline is None else min(deadline, ping)
+        timeout = None if deadline in (None, math.inf) else max(0.0, deadline - self._clock())
+        self._wait(timeout)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep (pinging the watchdog); a stop request cuts it short."""
+        deadline = self._clock() + seconds
+        while not self._stopping() and self._clock() < deadline:
+            self.ping()
+            limit = deadline - self._clock()
+            interval = self._notifier.watchdog_interval
+            self._wait(max(0.0, min(limit, interval or limit)))

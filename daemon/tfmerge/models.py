@@ -8,7 +8,7 @@ importing them never imports TensorFlow.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -145,7 +145,10 @@ class AcceptedModel:
         return ".pbtxt" if self.relpath.endswith(".pbtxt") else ".pb"
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as JSON takes them. Not ``dataclasses.asdict``: its deep copy of every
+        model's tensors and sample costs more than the JSON encoding, once per model for the
+        state and once for the manifest, and nothing changes the result."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AcceptedModel:
@@ -182,3 +185,8 @@ class BuildResult:
     #: Files (relative to frozen_dir) refused because they were still being written or changed
     #: while they were read: the supervisor settles them again and builds once they are at rest.
     unsettled: tuple[str, ...] = ()
+
+
+def _plain(value: Any) -> Any:
+    """A mapping as a dict (JSON does not take other mappings); anything else as it is."""
+    return dict(value) if isinstance(value, Mapping) and not isinstance(value, dict) else value

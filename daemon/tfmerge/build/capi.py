@@ -261,6 +261,32 @@ class Graph:
             status.check()
         return tuple(int(d) for d in dims[:rank])
 
+    def outputs(self) -> Iterator[tuple[str, str, int, tuple[int, ...] | None]]:
+        """Every output of every node: its node's name and type, its DataType enum and its
+        static shape (as ``shape``). One pass, without the inputs ``operations`` reads."""
+        lib, pointer = self._lib, self.pointer
+        position = _SIZE(0)
+        dims = (_INT64 * 8)()
+        with Status() as status:
+            while op := lib.TF_GraphNextOperation(pointer, ctypes.byref(position)):
+                count = lib.TF_OperationNumOutputs(op)
+                if not count:
+                    continue
+                name = lib.TF_OperationName(op).decode()
+                kind = lib.TF_OperationOpType(op).decode()
+                for index in range(count):
+                    output = _Output(op, index)
+                    rank = lib.TF_GraphGetTensorNumDims(pointer, output, status.pointer)
+                    status.check()
+                    shape: tuple[int, ...] | None = None
+                    if rank >= 0:
+                        if rank > len(dims):
+                            dims = (_INT64 * rank)()
+                        lib.TF_GraphGetTensorShape(pointer, output, dims, rank, status.pointer)
+                        status.check()
+                        shape = tuple(int(d) for d in dims[:rank])
+                    yield name, kind, lib.TF_OperationOutputType(output), shape
+
     def operations(self) -> Iterator[Operation]:
         lib = self._lib
         position = _SIZE(0)

@@ -14,6 +14,7 @@ Worker side: reads TensorFlow's protobufs and graphs.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -125,23 +126,21 @@ def check_tensors(graph: capi.Graph, graph_def: Any, limits: ModelLimits) -> Non
     a large constant's bytes, already in memory as read.
     """
     budget = limits.memory_bytes
-    for op in graph.operations():
-        if op.type in INPUT_OPS:
+    for name, kind, type_enum, shape in graph.outputs():
+        if kind in INPUT_OPS or shape is None:
             continue
-        for index, type_enum in enumerate(op.output_types):
-            dtype = _sized_dtype(type_enum)
-            shape = None if dtype is None else graph.shape(f"{op.name}:{index}")
-            if dtype is None or shape is None:
-                continue
-            dims = [None if d < 0 else d for d in shape]
-            size = _elements(dims) * dtype.size
-            if size > budget:
-                raise ModelRejected(
-                    "tensor_too_large",
-                    f"{op.type} {op.name!r} makes a {dtype.name} {dims} tensor of "
-                    f"{human_bytes(size)}, over this model's memory budget of "
-                    f"{human_bytes(budget)}",
-                )
+        dtype = _sized_dtype(type_enum)
+        if dtype is None:
+            continue
+        dims = [None if d < 0 else d for d in shape]
+        size = _elements(dims) * dtype.size
+        if size > budget:
+            raise ModelRejected(
+                "tensor_too_large",
+                f"{kind} {name!r} makes a {dtype.name} {dims} tensor of "
+                f"{human_bytes(size)}, over this model's memory budget of "
+                f"{human_bytes(budget)}",
+            )
     for function in graph_def.library.function:
         for node in function.node_def:
             if node.op != "Const" or "value" not in node.attr:
@@ -160,6 +159,7 @@ def check_tensors(graph: capi.Graph, graph_def: Any, limits: ModelLimits) -> Non
                 )
 
 
+@functools.cache
 def _sized_dtype(type_enum: int) -> Any:
     """The type of an op's output when its size can be told from its shape, else None.
 

@@ -94,7 +94,16 @@ def test_an_unchanged_input_reuses_its_verdict(
     # The forged verdict was used: its outputs are b's, the merged a computes a's.
     assert code == exitcodes.FAILED
     assert one(events, "build_finished")["outcome"] == "failed"
-    assert {e["signature"] for e in named(events, "verify_failed")} == {"a"}
+    failed = named(events, "verify_failed")
+    assert [(e["signature"], e["reused_check"]) for e in failed] == [("a", True)]
+
+    # A verdict the merged model did not reproduce is dropped: the next build checks a in
+    # full, and publishes.
+    code, events = _second_build(project, models, capsys)
+    assert code == exitcodes.OK, named(events, "verify_failed")
+    version = highest(project.serving)
+    assert manifest(version)["stats"]["checks_reused"] == 2  # b's and c's
+    _assert_a_is_its_source(project, version, models["a"].sample["x"])
 
 
 def _replace_bytes(project: Project, models: dict[str, FrozenModel]) -> dict[str, Any]:
@@ -148,7 +157,17 @@ def test_a_verdict_is_never_reused_for_another_input_declaration_or_setting(
     _assert_a_is_its_source(project, version, models["a"].sample["x"])
 
 
-def test_a_verdict_of_another_tensorflow_is_never_reused(
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("tensorflow", "2.99.0"),
+        ("cpu", "64 cpus, flags 0123456789abcdef"),  # a resized or migrated host
+        ("env.TF_ENABLE_ONEDNN_OPTS", "1"),  # a build from a shell, then the unit's
+    ],
+)
+def test_a_verdict_of_another_tensorflow_or_cpu_is_never_reused(
+    setting: str,
+    value: str,
     tmp_path: Path,
     models: dict[str, FrozenModel],
     capsys: pytest.CaptureFixture[str],
@@ -156,7 +175,8 @@ def test_a_verdict_of_another_tensorflow_is_never_reused(
 ) -> None:
     project = Project(tmp_path)
     _first_build(project, models, capsys)
-    monkeypatch.setitem(verdicts.ENVIRONMENT, "tensorflow", "2.99.0")
+    assert verdicts.ENVIRONMENT[setting] != value
+    monkeypatch.setitem(verdicts.ENVIRONMENT, setting, value)
 
     code, events = _second_build(project, models, capsys)
 

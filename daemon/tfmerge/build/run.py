@@ -152,8 +152,16 @@ def _run_build(
     mismatches = verify.verify(staging, feeds, expected, sizes)
     timings["verify"] = round(time.monotonic() - verify_started, 4)
     if mismatches:
+        failed = {aliases.get(m.signature, m.signature) for m in mismatches}
+        recheck = set(verdicts.forget(failed))
         for mismatch in mismatches:
-            log.error("verify_failed", signature=mismatch.signature, reason=mismatch.reason)
+            signature = aliases.get(mismatch.signature, mismatch.signature)
+            log.error(
+                "verify_failed",
+                signature=mismatch.signature,
+                reason=mismatch.reason,
+                reused_check=signature in recheck,
+            )
         return BuildResult(
             build_id,
             "failed",

@@ -24,10 +24,12 @@ use are removed with their blobs.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,12 +47,40 @@ from tfmerge.models import ModelSpec, TensorSig
 #: Bumped whenever the check changes what it finds for the same input: older verdicts are
 #: then misses.
 CHECK_FORMAT = 2
+#: Settings of TensorFlow's CPU kernels that can change the last bits of a float: a verdict
+#: found under one (a ``tfmerge build`` from a shell) is not the one for another (the unit).
+_KERNEL_SETTINGS = (
+    "TF_ENABLE_ONEDNN_OPTS",
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "TF_NUM_INTRAOP_THREADS",
+    "TF_NUM_INTEROP_THREADS",
+    "OMP_NUM_THREADS",
+)
+
+
+def _cpu() -> str:
+    """The CPU as kernels see it: its feature flags and the CPUs this process may use.
+
+    A host moved to another CPU (a resized or migrated virtual machine) picks other kernels.
+    Where /proc/cpuinfo is hidden (the unit's ProcSubset=pid), the count alone is known.
+    """
+    flags = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    with contextlib.suppress(OSError), cpuinfo.open(encoding="ascii", errors="replace") as lines:
+        flags = next((line for line in lines if line.startswith("flags")), "")
+    digest = hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:16]
+    return f"{len(os.sched_getaffinity(0))} cpus, flags {digest if flags else 'unknown'}"
+
+
 #: What else a verdict depends on. A module-level mapping, so that a test can stand for
-#: another TensorFlow without installing one.
+#: another TensorFlow or another CPU without installing or having one.
 ENVIRONMENT: dict[str, str] = {
     "tensorflow": tfcore.VERSION,
     "tensorflow_git": tfcore.GIT_VERSION,
     "tfmerge": __version__,
+    "cpu": _cpu(),
+    **{f"env.{name}": os.environ.get(name, "") for name in _KERNEL_SETTINGS},
 }
 _STRING = 7
 
@@ -103,6 +133,8 @@ class Verdicts:
         self._settings = _settings(config)
         self._known: dict[str, Record] | None = None
         self._new: list[Record] = []
+        #: The key of each verdict this build reused, by signature.
+        self._used: dict[str, str] = {}
         #: How many checks this build reused, and how many verdicts it wrote.
         self.reused = 0
         self.stored = 0
@@ -111,7 +143,8 @@ class Verdicts:
         """The verdict of this very check, or None (no record, or a damaged one)."""
         if self._known is None:
             self._known = self._packs.records()
-        record = self._known.get(_key(self._settings, spec, sha256, limits))
+        key = _key(self._settings, spec, sha256, limits)
+        record = self._known.get(key)
         if record is None:
             return None
         try:
@@ -119,7 +152,21 @@ class Verdicts:
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
         self.reused += 1
+        self._used[spec.signature] = key
         return verdict
+
+    def forget(self, signatures: Iterable[str]) -> list[str]:
+        """Drop the reused verdicts of these signatures, so that their next check is a full
+        one; returns the signatures whose verdict was dropped.
+
+        For a verification that failed: a verdict whose outputs the merged model does not
+        reproduce must not be reused again, whatever the key missed.
+        """
+        dropped = sorted({s for s in signatures if s in self._used})
+        if dropped:
+            with contextlib.suppress(OSError):
+                self._packs.forget({self._used[s] for s in dropped})
+        return dropped
 
     def put(self, spec: ModelSpec, sha256: str, limits: ModelLimits, verdict: Verdict) -> None:
         body = json.dumps(_encode(verdict), separators=(",", ":")).encode()

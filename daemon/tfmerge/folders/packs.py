@@ -76,6 +76,23 @@ class Packs:
         for path in packs:
             path.unlink(missing_ok=True)
 
+    def forget(self, keys: Collection[str]) -> None:
+        """Drop the records of keys, leaving the others in one pack."""
+        packs = self._packs()
+        records = {}
+        dropped = False
+        for path in packs:
+            for record in _read(path):
+                if record.key in keys:
+                    dropped = True
+                else:
+                    records[record.key] = record
+        if not dropped:
+            return
+        self.write(records.values())
+        for path in packs:
+            path.unlink(missing_ok=True)
+
     def _packs(self) -> list[Path]:
         try:
             return sorted(p for p in self.folder.iterdir() if p.name.endswith(_SUFFIX))

@@ -153,7 +153,7 @@ def test_the_service_user_leases_uploads_it_does_not_own(
     base: Path, models: dict[str, FrozenModel]
 ) -> None:
     service, uploader = _free_ids(2)
-    writable = base / "writable"  # the unit's ReadWritePaths= and StateDirectory=
+    writable = base / "writable"  # the unit's one ReadWritePaths= root
     frozen, serving, state, scratch = (writable / n for n in ("frozen", "serving", "state", "tmp"))
     for directory, mode in ((frozen, 0o2770), (serving, 0o755), (state, 0o750), (scratch, 0o700)):
         directory.mkdir(parents=True)

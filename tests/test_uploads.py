@@ -75,7 +75,7 @@ def write_digest(frozen: Path, name: str, source: Path) -> None:
         subprocess.run(["sha256sum", name], cwd=machine, stdout=out, check=True)
 
 
-# --- point: a file that someone has open for writing is not read ---------------------------
+# --- files open for writing ------------------------------------------------------------------
 
 
 def test_files_open_for_writing_are_not_built_and_the_rest_publishes(
@@ -128,7 +128,7 @@ def test_files_open_for_writing_are_not_built_and_the_rest_publishes(
     outputs_of(version, "fresh", models["new"])
 
 
-# --- point: a file that changes while it is read is not used --------------------------------
+# --- files that change while they are read ---------------------------------------------------
 
 
 def test_a_file_renamed_over_while_it_is_read_is_not_used(
@@ -182,7 +182,7 @@ def test_a_file_renamed_over_while_it_is_read_is_not_used(
     outputs_of(highest(project.serving), "good", models["other"])
 
 
-# --- point: declared digests -------------------------------------------------------------
+# --- declared digests ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("digest_sent", ["before", "after"])
@@ -232,7 +232,7 @@ def test_an_in_place_upload_killed_half_way_is_caught_by_its_digest(
     outputs_of(highest(project.serving), "good", models["new"])
 
 
-# --- point: breaking interface changes must be declared ----------------------------------
+# --- breaking interface changes --------------------------------------------------------------
 
 
 def graph_cut_after(data: bytes, node: str) -> bytes:
@@ -308,7 +308,7 @@ def test_a_cut_graph_that_loses_an_output_is_refused_unless_declared(
     ]
 
 
-# --- point: no path race between the resolution and the read -------------------------------
+# --- path swaps between the resolution and the read ------------------------------------------
 
 
 def _swap_for_link(frozen: Path, outside: Path) -> None:

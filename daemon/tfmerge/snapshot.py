@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from tfmerge.inputs import Identity, Opened
+from tfmerge.logs import get_logger
 from tfmerge.models import ModelRejected
 
 #: A writer waits for the lease's release at most about one chunk's copy.
@@ -205,3 +206,23 @@ def _change(before: Identity, after: Identity, taken: int | None) -> str | None:
     if after.ctime_ns != before.ctime_ns:
         return "its status changed (ctime: a touch, chmod or link)"
     return None
+
+
+#: Why no read lease could be taken, said once per process (a setting, not an input).
+_LEASE_WARNED: set[str] = set()
+
+
+def warn_without_lease(relpath: str, taken: Taken) -> None:
+    """Say once per process that inputs are read without a lease, and why."""
+    problem = taken.lease_problem
+    if problem is None or problem in _LEASE_WARNED:
+        return
+    _LEASE_WARNED.add(problem)
+    get_logger().warning(
+        "input_lease_unavailable",
+        file=relpath,
+        errno=problem,
+        reason="no read lease on inputs: a file still open for writing is told only by its "
+        "size and times (EACCES: give the service CAP_LEASE; EINVAL: the file system has no "
+        "leases)",
+    )

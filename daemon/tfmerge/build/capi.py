@@ -1,4 +1,4 @@
-"""TensorFlow's C API through ctypes: graphs, sessions and tensors. Worker side.
+"""TensorFlow's C API through ctypes: graphs and sessions. Worker side.
 
 Why not the Python ``tf.Graph`` and ``Session``: importing a graph there creates a Python
 object for every node, and the Python SavedModel loader parses ``saved_model.pb`` twice and
@@ -9,9 +9,7 @@ of a build. The C API does the same work in C++: ``TF_GraphImportGraphDef`` is t
 The library is the one TensorFlow's Python package loads (``libtensorflow_cc.so.2``), so the
 kernels and their results are the same as through ``tf.compat.v1.Session``.
 
-Feeds are numpy arrays: aligned ones are handed to TensorFlow without a copy (a large
-constant's bytes, fed to its source graph), others are copied once. Fetched values are copied
-into new numpy arrays; strings are object arrays of bytes, as ``Session.run`` returns them.
+Feeds and fetched values are numpy arrays, converted by build/tensors.py.
 """
 
 from __future__ import annotations
@@ -24,17 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from tfmerge.build import tfcore
+from tfmerge.build import tensors, tfcore
 
 _P = ctypes.c_void_p
 _INT = ctypes.c_int
 _SIZE = ctypes.c_size_t
 _INT64 = ctypes.c_int64
-TF_STRING = 7
-#: sizeof(TF_TString): a 24-byte union (inline, heap, offset or view).
-_TSTRING_BYTES = 24
-#: TensorFlow aliases a fed buffer aligned to this (EIGEN_MAX_ALIGN_BYTES) instead of copying it.
-_ALIGNMENT = 64
 #: TF_Code values, in order.
 _CODES = (
     "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
@@ -73,16 +66,6 @@ class _Output(ctypes.Structure):
 
 class _Buffer(ctypes.Structure):
     _fields_ = [("data", _P), ("length", _SIZE), ("data_deallocator", _P)]
-
-
-_DEALLOCATOR = ctypes.CFUNCTYPE(None, _P, _SIZE, _P)
-
-
-def _leave_to_numpy(data: Any, length: Any, arg: Any) -> None:
-    """Fed arrays stay owned by numpy: the caller keeps them alive past the run."""
-
-
-_KEEP = _DEALLOCATOR(_leave_to_numpy)
 
 
 _BUF = ctypes.POINTER(_Buffer)
@@ -130,7 +113,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "TF_AllocateTensor": (_P, [_INT, ctypes.POINTER(_INT64), _INT, _SIZE]),
     "TF_NewTensor": (
         _P,
-        [_INT, ctypes.POINTER(_INT64), _INT, _P, _SIZE, _DEALLOCATOR, _P],
+        [_INT, ctypes.POINTER(_INT64), _INT, _P, _SIZE, tensors.DEALLOCATOR, _P],
     ),
     "TF_DeleteTensor": (None, [_P]),
     "TF_TensorData": (_P, [_P]),
@@ -365,7 +348,7 @@ class Session:
         try:
             for index, name in enumerate(names):
                 alias = arrays if name in aliased else None
-                values[index] = _new_tensor(lib, feeds[name], graph.dtype(name), alias)
+                values[index] = tensors.new_tensor(lib, feeds[name], graph.dtype(name), alias)
             run_options = None if options is None else ctypes.byref(_bytes_buffer(options))
             with Status() as status:
                 lib.TF_SessionRun(
@@ -373,7 +356,10 @@ class Session:
                     len(fetches), ops, len(targets), None, status.pointer,
                 )  # fmt: skip
                 status.check()
-            return [_to_numpy(lib, results[i] or 0) for i in range(len(fetches))]
+            try:
+                return [tensors.to_numpy(lib, results[i] or 0) for i in range(len(fetches))]
+            except ValueError as exc:
+                raise TFError.of(_CODES.index("INTERNAL"), str(exc)) from None
         finally:
             for index in range(len(fetches)):
                 if results[index]:
@@ -381,7 +367,7 @@ class Session:
             for index in range(len(names)):
                 fed = values[index]
                 if fed:
-                    _delete_fed(lib, fed)
+                    tensors.delete_fed(lib, fed)
             del arrays
 
     def close(self) -> None:
@@ -399,78 +385,3 @@ class Session:
 
     def __del__(self) -> None:
         self.close()
-
-
-def _numpy_dtype(dtype: int) -> np.dtype[Any]:
-    numpy_dtype: np.dtype[Any] = np.dtype(tfcore.dtypes.as_dtype(dtype).as_numpy_dtype)
-    return numpy_dtype
-
-
-def _new_tensor(lib: ctypes.CDLL, value: Any, dtype: int, keep: list[np.ndarray] | None) -> int:
-    """A TF_Tensor for value, as the graph's tensor of that type takes it.
-
-    With ``keep``, an aligned array is aliased (and appended to keep), not copied.
-    """
-    if dtype == TF_STRING:
-        array = np.asarray(value, dtype=object)
-        items = [_as_bytes(item) for item in array.reshape(-1)]
-        dims = (_INT64 * max(array.ndim, 1))(*array.shape)
-        tensor = lib.TF_AllocateTensor(TF_STRING, dims, array.ndim, _TSTRING_BYTES * len(items))
-        base = lib.TF_TensorData(tensor)
-        for index, item in enumerate(items):
-            slot = base + index * _TSTRING_BYTES
-            lib.TF_StringInit(slot)
-            lib.TF_StringCopy(slot, item, len(item))
-        return int(tensor)
-    array = np.asarray(value, dtype=_numpy_dtype(dtype), order="C")
-    if not array.flags.c_contiguous:
-        array = np.ascontiguousarray(array)
-    dims = (_INT64 * max(array.ndim, 1))(*array.shape)
-    address = array.ctypes.data
-    if keep is not None and array.nbytes and address % _ALIGNMENT == 0:
-        keep.append(array)
-        return int(lib.TF_NewTensor(dtype, dims, array.ndim, address, array.nbytes, _KEEP, None))
-    tensor = lib.TF_AllocateTensor(dtype, dims, array.ndim, array.nbytes)
-    if array.nbytes:
-        ctypes.memmove(lib.TF_TensorData(tensor), address, array.nbytes)
-    return int(tensor)
-
-
-def _delete_fed(lib: ctypes.CDLL, tensor: int) -> None:
-    """Free a fed tensor; the strings of a string tensor first (its buffer is raw memory)."""
-    if lib.TF_TensorType(tensor) == TF_STRING:
-        base = lib.TF_TensorData(tensor)
-        for index in range(lib.TF_TensorElementCount(tensor)):
-            lib.TF_StringDealloc(base + index * _TSTRING_BYTES)
-    lib.TF_DeleteTensor(tensor)
-
-
-def _as_bytes(item: object) -> bytes:
-    if isinstance(item, bytes):
-        return item
-    if isinstance(item, str):
-        return item.encode()
-    raise TypeError(f"a string tensor takes bytes or str, not {type(item).__name__}")
-
-
-def _to_numpy(lib: ctypes.CDLL, tensor: int) -> np.ndarray:
-    if not tensor:
-        raise TFError.of(13, "TensorFlow returned no value for a fetched tensor")
-    shape = tuple(lib.TF_Dim(tensor, i) for i in range(lib.TF_NumDims(tensor)))
-    dtype = lib.TF_TensorType(tensor)
-    base = lib.TF_TensorData(tensor)
-    if dtype == TF_STRING:
-        count = lib.TF_TensorElementCount(tensor)
-        strings: np.ndarray = np.empty(count, dtype=object)
-        for index in range(count):
-            slot = base + index * _TSTRING_BYTES
-            strings[index] = ctypes.string_at(
-                lib.TF_StringGetDataPointer(slot), lib.TF_StringGetSize(slot)
-            )
-        return strings.reshape(shape)
-    array: np.ndarray = np.empty(shape, _numpy_dtype(dtype))
-    if array.nbytes:
-        if lib.TF_TensorByteSize(tensor) != array.nbytes:
-            raise TFError.of(13, f"a fetched tensor of {array.nbytes} bytes holds another size")
-        ctypes.memmove(array.ctypes.data, base, array.nbytes)
-    return array

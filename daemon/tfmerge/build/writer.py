@@ -38,7 +38,6 @@ from tfmerge.build.variables import VARIABLES_PREFIX
 from tfmerge.folders.fs import PendingFile, naming, write_all
 from tfmerge.folders.state import Store
 from tfmerge.inputs import FrozenDir, open_kept
-from tfmerge.logs import get_logger
 from tfmerge.models import LargeConstant, ModelRejected
 
 #: An input is its constants' shard when they are at least this share of its bytes, so that a
@@ -50,8 +49,6 @@ _NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOT
 _AHEAD = 2
 #: Inputs below this size are read into memory rather than copied file to file.
 _READ_BELOW = 1 << 20
-#: Why no read lease could be taken, said once per process (a setting, not an input).
-_LEASE_WARNED: set[str] = set()
 
 
 @dataclass(eq=False)
@@ -156,7 +153,7 @@ class Writer:
             copy = self._copies.pop(relpath)
             self._copy_ahead()
             copied, taken = copy.result()
-            _warn_without_lease(relpath, taken)
+            snapshot.warn_without_lease(relpath, taken)
             if isinstance(copied, bytearray):
                 return self._open_read(memoryview(copied), path, relpath, None, in_memory=True)
             pending = copied
@@ -365,22 +362,6 @@ class Writer:
             self._sync.shutdown(wait=True)
         for job in self._syncs:
             job.result()
-
-
-def _warn_without_lease(relpath: str, taken: snapshot.Taken) -> None:
-    """Say once per process that inputs are read without a lease, and why."""
-    problem = taken.lease_problem
-    if problem is None or problem in _LEASE_WARNED:
-        return
-    _LEASE_WARNED.add(problem)
-    get_logger().warning(
-        "input_lease_unavailable",
-        file=relpath,
-        errno=problem,
-        reason="no read lease on inputs: a file still open for writing is told only by its "
-        "size and times (EACCES: give the service CAP_LEASE; EINVAL: the file system has no "
-        "leases)",
-    )
 
 
 def _mapped(fd: int) -> memoryview:

@@ -168,7 +168,7 @@ the raw results of each run are written next to them as JSON.
   import to the rename of the version: read and check every model, merge, verify, publish).
 - **TensorFlow baselines**: a child that only runs `import tensorflow` (what the naive
   script imports) and one that only runs `import tfmerge.build.tfcore` (the part of TensorFlow a
-  tfmerge build imports: sessions, graph import, the SavedModel loader, the protobufs), both
+  tfmerge build loads: its C++ runtime, used through the C API, and its protobufs), both
   measured in every run. Memory is reported as `baseline + k x input bytes`,
   `k = (peak - baseline) / input bytes`, each tool against its own baseline.
 - **Published = source**: after every tfmerge run, `bench/check_published.py` loads the

@@ -45,8 +45,8 @@ class WatchSettings:
 @dataclass(frozen=True)
 class WorkerSettings:
     timeout_seconds: float = 1800.0
-    #: On by default: measured on 50 models of 200 KB, a warm worker publishes 1.2 s after
-    #: the quiet period instead of 3.0 s, for about 410 MiB held while idle
+    #: On by default: measured on 50 models of 200 KB, a warm worker publishes 0.8 s after
+    #: the quiet period instead of 2.0 s, for about 370 MiB held while idle
     #: (docs/benchmarks.md).
     warm: bool = True
     retries: int = 3

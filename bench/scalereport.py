@@ -442,12 +442,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def keep_section(old: str, new: str) -> str:
-    """new, with the scale section of old appended when old had one (python -m bench
-    rewrites the rest of the page)."""
+    """new, with the scale section of old and what follows it (notes written by hand on its
+    figures) appended when old had one (python -m bench rewrites the rest of the page)."""
     if START not in old or END not in old or START in new:
         return new
-    section = START + old.split(START, 1)[1].split(END, 1)[0] + END
-    return new.rstrip("\n") + "\n\n" + section + "\n"
+    section = START + old.split(START, 1)[1]
+    return new.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
 
 
 def write(results: dict[str, Any], page: Path) -> None:

@@ -1,14 +1,14 @@
 """TensorFlow Serving's side of a version: its load, and the first request of every signature.
 
 Usage: ``python -m bench.serveload VERSION_DIR``, in a process of its own that never imports
-TensorFlow's Python package (bench/capi.py: the C API by ctypes). The version is loaded by
-``TF_LoadSessionFromSavedModel``, the C++ loader TensorFlow Serving runs, under TensorFlow's
-default session options (Grappler on), as the server loads it. Then every signature is run
-once, one request each, as the server's warmup replay (one request per signature) and the
-first real request of each signature run it; last, every signature again in one call, as a
-MultiInference request would. The last line on stdout is JSON: the load's wall and CPU
-seconds, the resident memory after it and the peak (VmHWM), and the seconds of the first
-requests and of the one call.
+TensorFlow's Python package (tests/capi.py, the tests' own client of the C API by ctypes).
+The version is loaded by ``TF_LoadSessionFromSavedModel``, the C++ loader TensorFlow Serving
+runs, under TensorFlow's default session options (Grappler on), as the server loads it.
+Then every signature is run once, one request each, as the server's warmup replay (one
+request per signature) and the first real request of each signature run it; last, every
+signature again in one call, as a MultiInference request would. The last line on stdout is
+JSON: the load's wall and CPU seconds, the resident memory after it and the peak (VmHWM),
+and the seconds of the first requests and of the one call.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def _cpu() -> float:
 
 
 def measure(version: Path) -> dict[str, Any]:
-    from bench import capi
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import capi
 
     report: dict[str, Any] = {"rss_before": _status_kib("VmRSS") * 1024}
     with capi.SavedModel(version) as model:

@@ -172,6 +172,10 @@ def render(results: list[dict[str, Any]]) -> str:
             f"{human_bytes(r['worker_peak_bytes'])} |"
         )
     table = "\n".join(rows)
+    by_name = {r["graph"]: r for r in results}
+    idle = by_name.get("baseline", {}).get("worker_peak_bytes", 0)
+    aborted = by_name.get("abort", {}).get("build_seconds", 0.0)
+    replacement = max(0.0, aborted - by_name.get("baseline", {}).get("build_seconds", 0.0))
     host = results[0].get("host", {})
     measured = (
         f"Measured on {host.get('date')} on a host of {host.get('cpus')} cores and "
@@ -191,7 +195,7 @@ model was published in that same build, and the poisoned graph refused with the 
 - **workers**: the workers seen during the build, the next warm one included; 3 means one
   was replaced (`worker_replaced`) and a fresh one finished the build.
 - **peak**: the largest VmHWM (peak resident memory) of those workers, sampled every 20 ms.
-  An idle worker with TensorFlow imported holds about 440 MiB.
+  A worker that checks only the good model peaks at {human_bytes(idle)} (`baseline`).
 
 | graph | what it is | bytes | refused as | to version (s) | build (s) | workers | peak |
 |---|---|---:|---|---:|---:|---:|---:|
@@ -204,7 +208,8 @@ model's `limits.seconds` shortens or lengthens that. `fill_dynamic` fails at onc
 memory window; `list_growth` grows to the window (4 GiB above what the worker held) and then
 fails with `ResourceExhausted`, where the kernel's out-of-memory killer would otherwise
 have ended the worker. `abort` costs a worker: its SIGABRT is pinned on it and a fresh
-worker (a TensorFlow import, about 2 s here) finishes the build. `fifo_reader` is one kernel
+worker (its start and TensorFlow's import: the build took {replacement:.1f} s longer
+than `baseline`) finishes the build. `fifo_reader` is one kernel
 that ignores the run's deadline, so the daemon ends the worker once the step has taken one
 and a half times the model's `seconds` and 2 s more (92 s), then goes on in a fresh one.
 Each of these refusals is remembered: the next build refuses the same bytes without

@@ -277,3 +277,30 @@ def test_a_killed_build_s_staging_is_removed_by_the_next_build_and_a_running_one
     ]
     assert not list(project.serving.glob(".staging-*"))
     assert manifest(highest(project.serving))["signatures"]
+
+
+@pytest.mark.parametrize(("code", "tolerated"), [(errno.EINVAL, True), (errno.EIO, False)])
+def test_a_folder_that_cannot_be_synced_is_tolerated_and_a_failing_sync_is_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, tolerated: bool
+) -> None:
+    """Some file systems (network, FUSE) refuse to sync a folder with EINVAL: that is no
+    error. Any other failure of the sync is one, and names the folder."""
+    from tfmerge.folders import fs
+
+    real_fsync = os.fsync
+    synced: list[int] = []
+
+    def fsync(fd: int) -> None:
+        synced.append(fd)
+        if Path(f"/proc/self/fd/{fd}").resolve() == tmp_path.resolve():
+            raise OSError(code, os.strerror(code))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    if tolerated:
+        fs.fsync_dir(tmp_path)
+    else:
+        with pytest.raises(OSError, match=str(tmp_path)) as raised:
+            fs.fsync_dir(tmp_path)
+        assert raised.value.errno == code
+    assert len(synced) == 1

@@ -10,6 +10,7 @@ import re
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -115,6 +116,15 @@ class Config:
     serving: ServingSettings = field(default_factory=ServingSettings)
     smoke: SmokeSettings = field(default_factory=SmokeSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+
+    @cached_property
+    def entry_limits(self) -> dict[str, Mapping[str, float] | None]:
+        """Each [[models]] entry's own ``limits`` (None: none), by signature; asked for once
+        or more per model and build, so looked up, not scanned for."""
+        own: dict[str, Mapping[str, float] | None] = {}
+        for model in self.models:
+            own.setdefault(model.signature, model.limits)
+        return own
 
 
 def _path(table: Table, name: str, base: Path) -> Path:

@@ -66,22 +66,7 @@ def human_bytes(count: float) -> str:
 
 def declared(config: Config, signature: str) -> CheckLimits:
     """[check], with the ``limits`` of the model's [[models]] entry in the config over it."""
-    return limits_over(config.check, _entry_limits(config).get(signature))
-
-
-#: The entries' own limits by signature, for the last config asked about: asked once or more
-#: per model and build, a scan of every entry each time would cost the square of their number.
-_by_signature: tuple[Config, dict[str, Any]] | None = None
-
-
-def _entry_limits(config: Config) -> dict[str, Any]:
-    global _by_signature  # noqa: PLW0603 - a one-entry cache
-    if _by_signature is None or _by_signature[0] is not config:
-        own: dict[str, Any] = {}
-        for model in config.models:
-            own.setdefault(model.signature, model.limits)
-        _by_signature = (config, own)
-    return _by_signature[1]
+    return limits_over(config.check, config.entry_limits.get(signature))
 
 
 def for_model(config: Config, signature: str, file_size: int) -> ModelLimits:

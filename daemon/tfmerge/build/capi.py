@@ -233,25 +233,26 @@ class Graph:
 
     def shape(self, tensor: str) -> tuple[int, ...] | None:
         """The statically known shape (-1 per unknown dimension); None for an unknown rank."""
-        output = self.output(tensor)
         with Status() as status:
-            rank = self._lib.TF_GraphGetTensorNumDims(self.pointer, output, status.pointer)
-            status.check()
-            if rank < 0:
-                return None
-            dims = (_INT64 * max(rank, 1))()
-            self._lib.TF_GraphGetTensorShape(self.pointer, output, dims, rank, status.pointer)
-            status.check()
+            return self._shape(self.output(tensor), status)
+
+    def _shape(self, output: _Output, status: Status) -> tuple[int, ...] | None:
+        rank = self._lib.TF_GraphGetTensorNumDims(self.pointer, output, status.pointer)
+        status.check()
+        if rank < 0:
+            return None
+        dims = (_INT64 * max(rank, 1))()
+        self._lib.TF_GraphGetTensorShape(self.pointer, output, dims, rank, status.pointer)
+        status.check()
         return tuple(int(d) for d in dims[:rank])
 
     def outputs(self) -> Iterator[tuple[str, str, int, tuple[int, ...] | None]]:
         """Every output of every node: its node's name and type, its DataType enum and its
         static shape (as ``shape``). One pass, without the inputs ``operations`` reads."""
-        lib, pointer = self._lib, self.pointer
+        lib = self._lib
         position = _SIZE(0)
-        dims = (_INT64 * 8)()
         with Status() as status:
-            while op := lib.TF_GraphNextOperation(pointer, ctypes.byref(position)):
+            while op := lib.TF_GraphNextOperation(self.pointer, ctypes.byref(position)):
                 count = lib.TF_OperationNumOutputs(op)
                 if not count:
                     continue
@@ -259,15 +260,7 @@ class Graph:
                 kind = lib.TF_OperationOpType(op).decode()
                 for index in range(count):
                     output = _Output(op, index)
-                    rank = lib.TF_GraphGetTensorNumDims(pointer, output, status.pointer)
-                    status.check()
-                    shape: tuple[int, ...] | None = None
-                    if rank >= 0:
-                        if rank > len(dims):
-                            dims = (_INT64 * rank)()
-                        lib.TF_GraphGetTensorShape(pointer, output, dims, rank, status.pointer)
-                        status.check()
-                        shape = tuple(int(d) for d in dims[:rank])
+                    shape = self._shape(output, status)
                     yield name, kind, lib.TF_OperationOutputType(output), shape
 
     def operations(self) -> Iterator[Operation]:

@@ -132,6 +132,7 @@ def _check_read(
         raise ModelRejected("damaged", "the kept copy in the state folder is damaged")
     sha256, size = read.sha256, len(read.data)
     verdict = None if verdicts is None else verdicts.get(spec, sha256, checking.limits)
+    reused = verdict is not None
     if verdict is None:
         oppolicy.check_ops(read.graph_def, config.allow_ops)
         checking.step("import")
@@ -147,12 +148,12 @@ def _check_read(
         )
         if verdicts is not None:
             verdicts.put(spec, sha256, checking.limits, verdict)
-    else:
-        if spec.inputs is None or spec.outputs is None:
-            _log_inferred(spec, verdict.inputs, verdict.outputs)
-        if not kept:
-            allow_all = config.allow_interface_change
-            check_interface(spec, previous, _tensors(verdict), allow_all=allow_all)
+    elif spec.inputs is None or spec.outputs is None:
+        _log_inferred(spec, verdict.inputs, verdict.outputs)
+    tensors = _tensors(verdict.input_sigs, verdict.output_sigs)
+    if reused and not kept:
+        # A fresh check made this one before its probe run.
+        check_interface(spec, previous, tensors, allow_all=config.allow_interface_change)
     del prepared
     if writer is not None:
         writer.accept(read, large)
@@ -167,7 +168,7 @@ def _check_read(
         sample=spec.sample,
         origin=spec.origin,
         kept=kept,
-        tensors=_tensors(verdict),
+        tensors=tensors,
         keep_devices=spec.keep_devices,
     )
     return Checked(
@@ -200,8 +201,8 @@ def _import_and_probe(
             _log_inferred(spec, inputs, outputs)
         input_sigs = {key: signatures.tensor_sig(graph, name) for key, name in inputs.items()}
         output_sigs = {key: signatures.tensor_sig(graph, name) for key, name in outputs.items()}
-        found = Verdict(dict(inputs), dict(outputs), input_sigs, output_sigs, {}, {})
-        check_interface(spec, previous, _tensors(found), allow_all=config.allow_interface_change)
+        tensors = _tensors(input_sigs, output_sigs)
+        check_interface(spec, previous, tensors, allow_all=config.allow_interface_change)
         for key, sig in input_sigs.items():
             if signatures.op_type(graph, sig.name) not in signatures.INPUT_OPS:
                 get_logger().debug(
@@ -223,10 +224,13 @@ def _import_and_probe(
     return Verdict(dict(inputs), dict(outputs), input_sigs, output_sigs, feeds, expected)
 
 
-def _tensors(verdict: Verdict) -> dict[str, Any]:
+def _tensors(
+    input_sigs: Mapping[str, TensorSig], output_sigs: Mapping[str, TensorSig]
+) -> dict[str, Any]:
+    """A signature's tensor types, as the interface check and ``tfmerge status`` read them."""
     return {
-        "inputs": {k: s.as_dict() for k, s in verdict.input_sigs.items()},
-        "outputs": {k: s.as_dict() for k, s in verdict.output_sigs.items()},
+        "inputs": {k: s.as_dict() for k, s in input_sigs.items()},
+        "outputs": {k: s.as_dict() for k, s in output_sigs.items()},
     }
 
 

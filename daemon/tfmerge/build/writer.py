@@ -254,14 +254,7 @@ class Writer:
     def _keep(self, opened: _Input, sha256: str, data: memoryview, shard: Shard | None) -> None:
         if opened.in_memory:
             copy = self._store.start_blob()
-            try:
-                write_all(copy.fd, data)
-            except OSError as exc:
-                copy.discard()
-                raise naming(exc, copy.path) from None
-            except BaseException:
-                copy.discard()
-                raise
+            copy.write(data)
             opened = _Input(opened.suffix, copy, copy.path)
         pending = opened.pending
         try:

@@ -158,14 +158,7 @@ def atomic_write(path: Path, data: bytes | memoryview) -> None:
     """Replace path with data so a reader sees the old bytes or the new ones, never a mix,
     and only once they are on disk, so they survive a power loss."""
     pending = PendingFile.start(path.parent, f".{path.name}.")
-    try:
-        write_all(pending.fd, data)
-    except OSError as exc:
-        pending.discard()
-        raise naming(exc, pending.path) from None
-    except BaseException:
-        pending.discard()
-        raise
+    pending.write(data)
     pending.seal(path)
 
 
@@ -228,6 +221,17 @@ class PendingFile:
         fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
         os.fchmod(fd, 0o644)
         return cls(Path(tmp), fd)
+
+    def write(self, data: bytes | memoryview) -> None:
+        """All of data, at the file's current offset; the file is discarded on failure."""
+        try:
+            write_all(self.fd, data)
+        except OSError as exc:
+            self.discard()
+            raise naming(exc, self.path) from None
+        except BaseException:
+            self.discard()
+            raise
 
     def seal(self, target: Path) -> None:
         """Wait for the bytes on disk, then name the file target; discard it on failure.

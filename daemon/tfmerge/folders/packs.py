@@ -19,7 +19,7 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,33 +61,25 @@ class Packs:
     def prune(self, keep_inputs: Collection[str]) -> None:
         """Drop the records of inputs not in keep_inputs; leave at most one pack when any
         was dropped or when there are too many."""
-        packs = self._packs()
-        records = {}
-        dropped = False
-        for path in packs:
-            for record in _read(path):
-                if record.input_sha256 in keep_inputs:
-                    records[record.key] = record
-                else:
-                    dropped = True
-        if not dropped and len(packs) <= _MAX_PACKS:
-            return
-        self.write(records.values())
-        for path in packs:
-            path.unlink(missing_ok=True)
+        self._rewrite(lambda record: record.input_sha256 in keep_inputs, _MAX_PACKS)
 
     def forget(self, keys: Collection[str]) -> None:
         """Drop the records of keys, leaving the others in one pack."""
+        self._rewrite(lambda record: record.key not in keys, None)
+
+    def _rewrite(self, keep: Callable[[Record], bool], max_packs: int | None) -> None:
+        """The records keep accepts, in one pack, when it refused any (or when there are
+        more than max_packs packs)."""
         packs = self._packs()
         records = {}
         dropped = False
         for path in packs:
             for record in _read(path):
-                if record.key in keys:
-                    dropped = True
-                else:
+                if keep(record):
                     records[record.key] = record
-        if not dropped:
+                else:
+                    dropped = True
+        if not dropped and (max_packs is None or len(packs) <= max_packs):
             return
         self.write(records.values())
         for path in packs:
